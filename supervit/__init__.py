@@ -1,0 +1,35 @@
+"""SuperViT: one Vision Transformer for many compute budgets (token grids x token keep rates).
+
+Pure PyTorch + timm; no Ray, MLflow or Optuna in here.
+"""
+
+from .checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
+from .config import PRESETS, ArchConfig, SubnetConfig, get_arch, keep_count
+from .flops import gflops, macs, parse_budget
+from .latency import LatencyResult, hardware_fingerprint, measure_latency
+from .model import SuperViT
+from .train import RECIPES, Role, SubnetSampler, distill_loss, supertrain_step
+
+__all__ = [
+    "ArchConfig",
+    "CheckpointError",
+    "LatencyResult",
+    "PRESETS",
+    "RECIPES",
+    "Role",
+    "SubnetConfig",
+    "SubnetSampler",
+    "SuperViT",
+    "distill_loss",
+    "get_arch",
+    "gflops",
+    "hardware_fingerprint",
+    "keep_count",
+    "load_checkpoint",
+    "load_pretrained",
+    "macs",
+    "measure_latency",
+    "parse_budget",
+    "save_checkpoint",
+    "supertrain_step",
+]

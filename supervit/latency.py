@@ -1,0 +1,145 @@
+"""Measured latency of a subnet: warm-up, repeated timed forwards, median and spread, hardware fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import SubnetConfig
+
+__all__ = ["LatencyResult", "measure_latency", "hardware_fingerprint"]
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """One latency measurement.
+
+    ``median_ms`` is the statistic to compare; ``p10_ms``/``p90_ms`` and ``iqr_ms`` give the spread.
+    """
+
+    median_ms: float
+    mean_ms: float
+    p10_ms: float
+    p90_ms: float
+    iqr_ms: float
+    runs: int
+    batch_size: int
+    dtype: str
+    threads: int
+    device: str
+    fingerprint: str
+    hardware: str
+
+    def to_dict(self) -> dict:
+        """Flat dict for tables and logs."""
+        return asdict(self)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_fingerprint(device: str | torch.device = "cpu", threads: int | None = None) -> tuple[str, str]:
+    """Describe the hardware a latency figure belongs to.
+
+    Returns:
+        ``(fingerprint, description)``: a short stable hash (the cache key) and the readable text it hashes:
+        CPU model and thread count, or GPU name, compute capability and CUDA version; plus the torch version.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        cap = ".".join(map(str, torch.cuda.get_device_capability(idx)))
+        text = f"cuda:{torch.cuda.get_device_name(idx)} sm{cap} cuda{torch.version.cuda}"
+    else:
+        text = f"cpu:{_cpu_model()} x{threads or torch.get_num_threads()}"
+    text += f" torch{torch.__version__.split('+')[0]}"
+    return hashlib.sha1(text.encode()).hexdigest()[:12], text
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+@torch.inference_mode()
+def measure_latency(
+    model: torch.nn.Module,
+    subnet: SubnetConfig | None,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    warmup: int = 10,
+    runs: int = 50,
+    min_time_s: float = 0.0,
+    threads: int | None = None,
+) -> LatencyResult:
+    """Time forwards of ``model(x, subnet)`` on random input of the preset's size.
+
+    Args:
+        model: A `SuperViT` (moved to ``device`` and ``dtype`` for the measurement, then left there).
+        subnet: The subnet to time (None: the full model).
+        batch_size: Images per forward.
+        device: Where to run; on CUDA the timed region is synchronised.
+        dtype: Weights and input dtype (float32, bfloat16, float16).
+        warmup: Untimed forwards first (allocator, kernels, caches).
+        runs: Timed forwards.
+        min_time_s: Keep timing past ``runs`` until this much time is spent (steadier medians for tiny
+            models).
+        threads: CPU threads (``torch.set_num_threads``) for the measurement; None keeps the current value.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested, but CUDA is not available")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        model = model.to(device=device, dtype=dtype).eval()
+        arch = model.arch
+        size = arch.img_size if subnet is None else subnet.grid * arch.patch_size
+        x = torch.randn(batch_size, arch.in_chans, size, size, device=device, dtype=dtype)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for _ in range(warmup):
+            model(x, subnet)
+        sync()
+        times: list[float] = []
+        start_all = time.perf_counter()
+        while len(times) < runs or time.perf_counter() - start_all < min_time_s:
+            t0 = time.perf_counter()
+            model(x, subnet)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        used_threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+    times.sort()
+    fp, text = hardware_fingerprint(device, used_threads)
+    return LatencyResult(
+        median_ms=statistics.median(times),
+        mean_ms=statistics.fmean(times),
+        p10_ms=_quantile(times, 0.1),
+        p90_ms=_quantile(times, 0.9),
+        iqr_ms=_quantile(times, 0.75) - _quantile(times, 0.25),
+        runs=len(times),
+        batch_size=batch_size,
+        dtype=str(dtype).removeprefix("torch."),
+        threads=used_threads,
+        device=device.type,
+        fingerprint=fp,
+        hardware=text,
+    )

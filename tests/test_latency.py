@@ -1,0 +1,35 @@
+"""Latency measurement protocol."""
+
+import pytest
+import torch
+
+from supervit import SubnetConfig, SuperViT, get_arch, hardware_fingerprint, measure_latency
+
+
+def test_measure_latency_reports_median_spread_and_hardware():
+    model = SuperViT(get_arch("tiny"), num_classes=10)
+    threads = torch.get_num_threads()
+    r = measure_latency(model, SubnetConfig(8, 1.0), batch_size=4, warmup=2, runs=9, threads=1)
+    assert r.runs == 9 and r.batch_size == 4 and r.dtype == "float32" and r.threads == 1 and r.device == "cpu"
+    assert 0 < r.p10_ms <= r.median_ms <= r.p90_ms and r.iqr_ms >= 0
+    assert torch.get_num_threads() == threads  # restored
+    fp, text = hardware_fingerprint("cpu", 1)
+    assert r.fingerprint == fp and r.hardware == text and "torch" in text
+    assert hardware_fingerprint("cpu", 2)[0] != fp  # thread count is part of the hardware
+
+
+def test_smaller_subnet_is_faster():
+    torch.manual_seed(0)
+    model = SuperViT(get_arch("deit_ti"), num_classes=10)
+    full = measure_latency(model, None, batch_size=8, warmup=2, runs=5)
+    small = measure_latency(model, SubnetConfig(8, 0.5), batch_size=8, warmup=2, runs=5)
+    assert small.median_ms < full.median_ms / 2  # 0.16x the FLOPs
+
+
+def test_min_time_extends_runs_and_cuda_is_checked():
+    model = SuperViT(get_arch("tiny"), num_classes=10)
+    r = measure_latency(model, None, batch_size=1, warmup=1, runs=2, min_time_s=0.2)
+    assert r.runs > 2
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            measure_latency(model, None, device="cuda")
