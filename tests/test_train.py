@@ -5,7 +5,7 @@ import collections
 import pytest
 import torch
 
-from supervit import SubnetConfig, SubnetSampler, SuperViT, get_arch, supertrain_step
+from supervit import SubnetSampler, SuperViT, get_arch, supertrain_step
 from supervit.data import synthetic
 
 

@@ -1,0 +1,157 @@
+"""What both commands share: bad-input handling, MLflow and Ray connection, YAML config files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "UsageError",
+    "run_cli",
+    "resolve_tracking_uri",
+    "check_mlflow",
+    "init_ray",
+    "parse_with_config",
+    "atomic_write_text",
+    "ui_command",
+]
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit status 2."""
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """Run a command's ``main``, turning bad input into one line on stderr and exit status 2."""
+    from supervit.checkpoint import CheckpointError
+    from supervit.data import DataError
+
+    try:
+        main(argv)
+    except (UsageError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """``--mlflow-uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's local default (``./mlflow.db``).
+
+    Relative SQLite paths are made absolute: Ray actors do not share the driver's working directory.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    elif "://" not in uri:  # a bare path: MLflow treats it as a file store
+        uri = str(Path(uri).resolve())
+    return uri
+
+
+def check_mlflow(uri: str, timeout: float = 5.0) -> None:
+    """Fail early, with one clear line, when the tracking store cannot be reached or written."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise UsageError(f"MLflow server at {uri} answered {r.status} on /health")
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise UsageError(f"MLflow server at {uri} is unreachable ({reason})") from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///") :]).parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise UsageError(f"MLflow store {uri}: folder {parent} does not exist or is not writable")
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on ``uri``."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; reuse one already connected."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address not in ("auto", "local"):
+        _check_reachable(address)
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot connect to Ray at {address or 'a new local instance'}: {msg}") from None
+
+
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """A TCP connect to the Ray address: ray.init itself retries for minutes before giving up."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"Ray address {address!r} is not host:port (or ray://host:port)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"cannot connect to Ray at {address}: {e.strerror or e}") from None
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; ``--config FILE.yaml`` supplies defaults for the same options, flags override it."""
+    import yaml
+
+    pre, _ = parser.parse_known_args(argv)
+    path = getattr(pre, "config", None)
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise UsageError(f"config file {path} does not exist") from None
+        except (yaml.YAMLError, OSError) as e:
+            raise UsageError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"config file {path} must hold a mapping of option: value")
+        known = {a.dest for a in parser._actions}
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(data) - known - {"config"})
+        if unknown:
+            raise UsageError(f"config file {path}: unknown options {', '.join(unknown)}")
+        parser.set_defaults(**data)
+    return parser.parse_args(argv)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def dump_json(obj: Any) -> str:
+    """Stable, readable JSON."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
