@@ -21,6 +21,7 @@ __all__ = [
     "init_ray",
     "parse_with_config",
     "atomic_write_text",
+    "Parser",
     "ui_command",
 ]
 
@@ -112,6 +113,13 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
         raise UsageError(f"cannot connect to Ray at {address}: {e.strerror or e}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as `UsageError`: one line and exit status 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -25,6 +25,7 @@ from supervit import ArchConfig, SubnetConfig, get_arch, gflops
 from supervit.train import RECIPES
 
 from .common import (
+    Parser,
     UsageError,
     atomic_write_text,
     check_mlflow,
@@ -494,6 +495,7 @@ def supertrain(opts: SupertrainOptions) -> SupertrainResult:
             exp.experiment_id,
             run_name=run_name,
             tags={
+                "supervit.stage": "supertrain",
                 "preset": opts.preset,
                 "dataset": splits.name,
                 "recipe": opts.recipe,
@@ -688,7 +690,7 @@ def _heatmap(arch: ArchConfig, table: dict, path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; every option maps onto a `SupertrainOptions` field."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m pipeline.supertrain",
         description="Supertrain one SuperViT (every token grid and keep rate) on Ray Train, tracked in MLflow.",
     )
