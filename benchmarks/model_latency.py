@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--runs", type=int, default=7, help="timed forwards per measurement at batch 32")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds for the timm comparison")
+    p.add_argument("--batch", type=int, default=32, help="the large batch (default 32; on a GPU use e.g. 256)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     dev = args.device
@@ -59,12 +60,14 @@ def main() -> None:
     lat = {}
     for s in cells:
         b1 = measure_latency(ours, s, 1, dev, dtype, warmup=5 * scale, runs=4 * args.runs * scale)
-        b32 = measure_latency(ours, s, 32, dev, dtype, warmup=2 * scale, runs=args.runs * scale)
+        b32 = measure_latency(ours, s, args.batch, dev, dtype, warmup=2 * scale, runs=args.runs * scale)
         lat[s] = (b1.median_ms, b32.median_ms)
     full = arch.largest
     f1, f32 = lat[SubnetConfig(14, 1.0)]
     print(f"# {b32.hardware}; dtype {args.dtype}; threads {b32.threads}")
-    print("| grid | keep | GFLOPs | FLOPs ratio | ms @1 | ms @32 | latency ratio @32 | efficiency |")
+    print(
+        f"| grid | keep | GFLOPs | FLOPs ratio | ms @1 | ms @{args.batch} | latency ratio @{args.batch} | efficiency |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for s in cells:
         gf = gflops(arch, s)
@@ -77,9 +80,9 @@ def main() -> None:
         )
 
     # Ours against timm, alternating so both see the same machine state.
-    ratios = {1: [], 32: []}
+    ratios = {1: [], args.batch: []}
     for _ in range(args.rounds):
-        for batch in (1, 32):
+        for batch in (1, args.batch):
             runs = (4 * args.runs if batch == 1 else args.runs) * scale
             a = measure_latency(ours, full, batch, dev, dtype, warmup=2 * scale, runs=runs).median_ms
             b = _time_timm(ref, batch, dev, dtype, warmup=2 * scale, runs=runs)

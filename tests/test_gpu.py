@@ -1,0 +1,87 @@
+"""CUDA paths: forward agreement with the CPU, mixed-precision supertraining steps, synchronised latency."""
+
+import pytest
+import torch
+
+from supervit import (
+    ArchConfig,
+    SubnetConfig,
+    SubnetSampler,
+    SuperViT,
+    get_arch,
+    hardware_fingerprint,
+    measure_latency,
+    supertrain_step,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+SMALL = ArchConfig(
+    patch_size=4,
+    embed_dim=48,
+    depth=6,
+    num_heads=4,
+    mlp_ratio=2.0,
+    grids=(4, 6, 8),
+    prune_blocks=(1, 3, 5),
+    in_chans=3,
+    name="small",
+)
+
+
+def test_cuda_forward_matches_cpu():
+    torch.manual_seed(0)
+    model = SuperViT(SMALL, num_classes=7).double().eval()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    subnets = [None, SubnetConfig(8, 0.5), SubnetConfig(6, (0.9, 0.7, 0.5))]
+    with torch.no_grad():
+        expected = [model(x, s) for s in subnets]
+        model.cuda()
+        for s, e in zip(subnets, expected, strict=True):
+            torch.testing.assert_close(model(x.cuda(), s).cpu(), e, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("recipe", ["seed", "sandwich"])
+def test_bf16_supertraining_steps_on_cuda(recipe):
+    torch.manual_seed(0)
+    arch = get_arch("deit_s")
+    model = SuperViT(arch, num_classes=10).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sampler = SubnetSampler(arch, recipe, schedules=True, seed=0)
+    x = torch.randn(16, 3, 224, 224, device="cuda")
+    y = torch.randint(0, 10, (16,), device="cuda")
+    before = model.blocks[0].attn.qkv.weight.detach().clone()
+    for _ in range(3):
+        losses = supertrain_step(model, x, y, sampler.sample(), opt, autocast_dtype=torch.bfloat16, clip_grad=1.0)
+        assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.float32  # autocast: weights stay fp32
+
+
+def test_fp16_step_with_grad_scaler():
+    torch.manual_seed(0)
+    arch = get_arch("tiny")
+    model = SuperViT(arch, num_classes=10).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(32, 1, 16, 16, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    roles = SubnetSampler(arch, seed=0).sample()
+    losses = supertrain_step(model, x, y, roles, opt, autocast_dtype=torch.float16, scaler=scaler)
+    assert set(losses) == {r.name for r in roles} and scaler.get_scale() > 0
+
+
+def test_cuda_latency_is_synchronised_and_fingerprinted():
+    torch.manual_seed(0)
+    model = SuperViT(get_arch("deit_s"), num_classes=1000)
+    full = measure_latency(model, None, batch_size=64, device="cuda", dtype=torch.bfloat16, warmup=5, runs=20)
+    small = measure_latency(
+        model, SubnetConfig(8, 0.5), batch_size=64, device="cuda", dtype=torch.bfloat16, warmup=5, runs=20
+    )
+    assert full.device == "cuda" and full.dtype == "bfloat16"
+    fp, text = hardware_fingerprint("cuda")
+    assert full.fingerprint == fp and torch.cuda.get_device_name() in text
+    assert small.median_ms < full.median_ms  # 0.16x the FLOPs
