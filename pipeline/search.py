@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import tempfile
@@ -76,6 +77,11 @@ class SearchOptions:
     device: str = "cpu"
     dtype: str = "float32"
     trial_cpus: int | None = None
+    latency_resource: str | None = None
+    latency_threads: int | None = None
+    concurrent: int = 1
+    max_failures: int = 1
+    inject_failure: str | None = None  # test hook: a marker file path; see `_maybe_fail`
     latency_table: str | None = None
     warm_start: bool = True
     address: str | None = None
@@ -199,46 +205,77 @@ def top1(model: SuperViT, subnet: SubnetConfig, x: torch.Tensor, y: torch.Tensor
     return 100.0 * correct / max(1, len(x))
 
 
+def latency_row(bundle: dict, subnet: SubnetConfig, threads: int) -> tuple[dict, bool]:
+    """The latency of ``subnet`` on this node's hardware: from the shared table, or measured once and added."""
+    import ray
+
+    device, dtype = bundle["device"], bundle["dtype"]
+    fingerprint, hardware = hardware_fingerprint(device, threads if device == "cpu" else None)
+    key = (fingerprint, bundle["arch_key"], subnet.name, bundle["batch"], dtype)
+    row = ray.get(bundle["table"].get.remote(key))
+    if row is not None:
+        return row, True
+    model = SuperViT(bundle["arch"], num_classes=bundle["num_classes"])
+    model.load_state_dict(bundle["state"])
+    r = measure_latency(
+        model,
+        subnet,
+        bundle["batch"],
+        device,
+        getattr(torch, dtype),
+        runs=bundle["runs"],
+        warmup=max(3, bundle["runs"] // 5),
+        threads=threads if device == "cpu" else None,
+    )
+    row = dict(zip(KEY, key, strict=True)) | {
+        "hardware": hardware,
+        "median_ms": r.median_ms,
+        "p10_ms": r.p10_ms,
+        "p90_ms": r.p90_ms,
+        "iqr_ms": r.iqr_ms,
+        "runs": r.runs,
+        "threads": r.threads,
+        "device": r.device,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    ray.get(bundle["table"].put.remote(row))
+    return row, False
+
+
+def _maybe_fail(marker: str) -> None:
+    """Test hook: the first trial to get here kills its own process, once (the marker file remembers)."""
+    if not os.path.exists(marker):
+        Path(marker).write_text("killed\n")
+        os.kill(os.getpid(), 9)
+
+
 def run_trial(config: dict, bundle: dict) -> None:
-    """One Tune trial: accuracy on the search split, then latency (from the table, or measured once)."""
+    """One Tune trial: accuracy on the search split, then latency (from the table, or measured once).
+
+    With a latency resource, the measurement runs as a task on a node that has the resource, holding all of
+    it (one measurement per device at a time); the accuracy is computed wherever the trial runs.
+    """
     import ray
     from ray import tune
 
     arch: ArchConfig = bundle["arch"]
-    space: SearchSpace = bundle["space"]
-    subnet = space.subnet(config).validate(arch)
+    subnet = bundle["space"].subnet(config).validate(arch)
     model = SuperViT(arch, num_classes=bundle["num_classes"])
     model.load_state_dict(bundle["state"])
+    if bundle["inject_failure"]:
+        _maybe_fail(bundle["inject_failure"])
     acc = top1(model, subnet, bundle["x"], bundle["y"])
-    device, dtype = bundle["device"], bundle["dtype"]
-    threads = torch.get_num_threads()
-    fingerprint, hardware = hardware_fingerprint(device, threads if device == "cpu" else None)
-    key = (fingerprint, bundle["arch_key"], subnet.name, bundle["batch"], dtype)
-    table = bundle["table"]
-    row = ray.get(table.get.remote(key))
-    cached = row is not None
-    if not cached:
-        r = measure_latency(
-            model,
-            subnet,
-            bundle["batch"],
-            device,
-            getattr(torch, dtype),
-            runs=bundle["runs"],
-            warmup=max(3, bundle["runs"] // 5),
+    threads = bundle["latency_threads"] or torch.get_num_threads()
+    resource = bundle["latency_resource"]
+    if resource:
+        # Outside the trial's placement group: the measurement goes wherever the resource is.
+        task = ray.remote(latency_row).options(
+            num_cpus=0, num_gpus=0, resources={resource: 1}, scheduling_strategy="DEFAULT"
         )
-        row = dict(zip(KEY, key, strict=True)) | {
-            "hardware": hardware,
-            "median_ms": r.median_ms,
-            "p10_ms": r.p10_ms,
-            "p90_ms": r.p90_ms,
-            "iqr_ms": r.iqr_ms,
-            "runs": r.runs,
-            "threads": r.threads,
-            "device": r.device,
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        ray.get(table.put.remote(row))
+        row, cached = ray.get(task.remote(bundle, subnet, threads))
+    else:
+        row, cached = latency_row(bundle, subnet, threads)
     tune.report(
         {
             "gflops": gflops(arch, subnet, bundle["num_classes"]),
@@ -248,6 +285,9 @@ def run_trial(config: dict, bundle: dict) -> None:
             "latency_p90_ms": row["p90_ms"],
             "latency_cached": float(cached),
             "uniform": float(subnet.is_uniform),
+            "trial_node": ray.get_runtime_context().get_node_id(),
+            "latency_node": row.get("node_id", ""),
+            "latency_hardware": row["hardware"],
         }
     )
 
@@ -357,7 +397,7 @@ def search(opts: SearchOptions) -> SearchResult:
     state = None
     if opts.resume is not None:
         name, state = _find_resume(storage, opts.resume or None)
-        keep = {k: getattr(opts, k) for k in ("address", "storage", "mlflow_uri")}
+        keep = {k: getattr(opts, k) for k in ("address", "storage", "mlflow_uri", "inject_failure")}
         opts = SearchOptions(**{**state["options"], **{k: v for k, v in keep.items() if v is not None}})
     else:
         name = opts.name or f"search-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -368,8 +408,8 @@ def search(opts: SearchOptions) -> SearchResult:
         raise UsageError(f"unknown sampler {opts.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if opts.objective not in ("accuracy", "pareto"):
         raise UsageError(f"unknown objective {opts.objective!r}; choose accuracy or pareto")
-    if opts.trials < 1 or opts.latency_batch < 1:
-        raise UsageError("--trials and --latency-batch must be at least 1")
+    if opts.trials < 1 or opts.latency_batch < 1 or opts.concurrent < 1:
+        raise UsageError("--trials, --latency-batch and --concurrent must be at least 1")
     if opts.device not in ("cpu", "cuda") or (opts.device == "cuda" and not torch.cuda.is_available()):
         raise UsageError(f"--device {opts.device}: use cpu, or cuda where CUDA is available")
     latency_budget = parse_latency(opts.latency_budget) if opts.latency_budget else None
@@ -422,6 +462,11 @@ def search(opts: SearchOptions) -> SearchResult:
                 "every subnet fits; searching anyway"
             )
     init_ray(opts.address)
+    if opts.latency_resource:
+        import ray
+
+        if ray.cluster_resources().get(opts.latency_resource, 0) < 1:
+            raise UsageError(f"no node of the Ray cluster has the latency resource {opts.latency_resource!r}")
     return _run(
         opts,
         name,
@@ -531,9 +576,14 @@ def _run(
         "dtype": opts.dtype,
         "batch": opts.latency_batch,
         "runs": opts.latency_runs,
+        "latency_resource": opts.latency_resource,
+        "latency_threads": opts.latency_threads,
+        "inject_failure": opts.inject_failure,
     }
     # One object-store copy of the weights and the split, shared by every trial of every budget.
     trainable = tune.with_parameters(tune.with_resources(run_trial, resources), bundle=bundle)
+    # Save Tune's experiment state after every step, so a killed driver's --resume re-runs no finished trial.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     metric = "top1" if opts.objective == "accuracy" else ["top1", "latency_ms"]
     mode = "max" if opts.objective == "accuracy" else ["max", "min"]
 
@@ -556,6 +606,7 @@ def _run(
             name=exp_name,
             storage_path=storage,
             verbose=0,
+            failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             callbacks=[
                 MLflowLoggerCallback(
                     tracking_uri=tracking_uri,
@@ -574,7 +625,7 @@ def _run(
                 trainable,
                 run_config=run_config,
                 tune_config=tune.TuneConfig(
-                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=1),
+                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=opts.concurrent),
                     num_samples=opts.trials,
                     reuse_actors=True,
                 ),
@@ -601,6 +652,9 @@ def _run(
                     "latency_cached": bool(m["latency_cached"]),
                     "uniform": bool(m["uniform"]),
                     "trial_id": r.metrics.get("trial_id", ""),
+                    "trial_node": m["trial_node"],
+                    "latency_node": m["latency_node"],
+                    "latency_hardware": m["latency_hardware"],
                 }
             )
         if not rows:
@@ -762,6 +816,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="cpu", choices=["cpu", "cuda"], help="where trials run and latency is measured")
     a("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="latency dtype")
     a("--trial-cpus", type=int, help="CPUs per trial (default: every CPU Ray has here: latency holds the device)")
+    a(
+        "--latency-resource",
+        metavar="RESOURCE",
+        help="measure latency only on nodes with this Ray resource (e.g. accelerator_type:A10G), holding all of it",
+    )
+    a("--latency-threads", type=int, help="CPU threads for latency measurement (default: the trial's)")
+    a(
+        "--concurrent",
+        type=int,
+        default=1,
+        help="trials at a time (default 1: reproducible, and latency holds the device; raise it with "
+        "--latency-resource, which keeps one measurement per device)",
+    )
+    a("--max-failures", type=int, default=1, help="retries of a trial whose process died (default 1)")
     a("--latency-table", help="Parquet latency table (default ./latency_table.parquet)")
     a(
         "--no-warm-start",

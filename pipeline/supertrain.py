@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -191,6 +192,7 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: data shard, DDP model, supertraining epochs, checkpoint + report each epoch."""
+    import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -283,6 +285,7 @@ def train_loop_per_worker(config: dict) -> None:
             epoch_time_s=epoch_time,
             images_per_s=seen * world / epoch_time,
         )
+        metrics["node_id"] = ray.get_runtime_context().get_node_id()
         last = epoch == opts.epochs - 1
         subnets = cells if last else [arch.largest, arch.smallest]
         val = _all_reduce_counts(evaluate(model, val_loader, subnets, device, autocast_dtype), device)
@@ -311,6 +314,9 @@ def train_loop_per_worker(config: dict) -> None:
                     },
                     os.path.join(tmp, "train_state.pt"),
                 )
+                # The epoch's metrics travel with its checkpoint, so a resumed run can log what a killed
+                # driver persisted but never logged.
+                Path(tmp, "metrics.json").write_text(json.dumps(metrics))
                 checkpoint = Checkpoint.from_directory(tmp)
             # Every rank reports (it is a barrier); rank 0 carries the checkpoint.
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -326,11 +332,50 @@ def _maybe_fail(spec: tuple[int, int, str], epoch: int, step: int) -> None:
 # --------------------------------------------------------------------------------------------- driver side
 
 
+def log_epoch(client, run_id: str, metrics: dict) -> bool:
+    """Log one checkpointed epoch's metrics at step = epoch, unless that epoch is already logged."""
+    from mlflow.entities import Metric
+
+    epoch = int(metrics["epoch"])
+    if any(m.step == epoch for m in client.get_metric_history(run_id, "top1/full")):
+        return False
+    now = int(time.time() * 1000)
+    per_epoch = {k: v for k, v in metrics.items() if k not in ("epoch", "node_id") and not _is_cell_metric(k)}
+    # top1/full last: its presence marks the epoch as logged.
+    keys = sorted(per_epoch, key=lambda k: k == "top1/full")
+    client.log_batch(run_id, metrics=[Metric(k, float(per_epoch[k]), now, epoch) for k in keys])
+    return True
+
+
+def backfill_epochs(client, run_id: str, run_dir: str) -> list[int]:
+    """Log the epochs whose checkpoints are in ``run_dir`` (local path or bucket URI) but not in MLflow."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(run_dir if "://" in run_dir else str(Path(run_dir).resolve()))
+    logged = []
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    except (FileNotFoundError, OSError):
+        return logged
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/metrics.json") as f:
+                metrics = json.loads(f.read())
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+        if log_epoch(client, run_id, metrics):
+            logged.append(int(metrics["epoch"]))
+    return logged
+
+
 class MlflowEpochLogger:
     """Ray Train callback (runs in the controller): logs each checkpointed epoch's metrics to MLflow.
 
     Metrics are logged when their checkpoint is persisted, so an epoch lost to a failure is neither logged
-    twice nor left out: it is redone from the last checkpoint and logged once then.
+    twice nor left out: it is redone from the last checkpoint and logged once then. (A driver killed between
+    persisting a checkpoint and logging it is covered by `backfill_epochs` on --resume.)
     """
 
     def __init__(self, tracking_uri: str, run_id: str, epochs: int) -> None:
@@ -338,19 +383,17 @@ class MlflowEpochLogger:
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         import mlflow
-        from mlflow.entities import Metric
 
         if checkpoint is None or not metrics:
             return
         m = metrics[0]
-        epoch = int(m["epoch"])
-        now = int(time.time() * 1000)
-        per_epoch = {k: v for k, v in m.items() if k != "epoch" and not _is_cell_metric(k)}
         client = mlflow.MlflowClient(self.tracking_uri)
-        client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in per_epoch.items()])
+        log_epoch(client, self.run_id, m)
+        # Where the workers ran (every rank reports, so this lists every node of the worker group).
+        client.set_tag(self.run_id, "ray.worker_nodes", ",".join(sorted({w.get("node_id", "") for w in metrics})))
         client.set_tag(self.run_id, "last_checkpoint", checkpoint.path)
         print(
-            f"epoch {epoch + 1}/{self.epochs}  "
+            f"epoch {int(m['epoch']) + 1}/{self.epochs}  "
             + "  ".join(f"{k.removeprefix('loss/')} {m[k]:.3f}" for k in m if k.startswith("loss/"))
             + f"  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  {m['epoch_time_s']:.1f}s"
             + f"  top1 full {m['top1/full']:.1f}  smallest {m['top1/smallest']:.1f}",
@@ -489,6 +532,7 @@ def supertrain(opts: SupertrainOptions) -> SupertrainResult:
         run_id = resume_state["mlflow_run_id"]
         client = mlflow.MlflowClient(tracking_uri)
         client.update_run(run_id, status="RUNNING")
+        backfill_epochs(client, run_id, f"{storage.rstrip('/')}/{run_name}")
     else:
         exp = mlflow.set_experiment(opts.experiment)
         run = mlflow.MlflowClient(tracking_uri).create_run(

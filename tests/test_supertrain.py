@@ -37,13 +37,13 @@ def _steps(uri: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def test_two_worker_run_logs_params_metrics_artifacts_and_model(ray_session, tmp_path, mlflow_uri):
-    res = supertrain(_opts(tmp_path, mlflow_uri))
+def check_supertrain_run(res, mlflow_uri: str, tmp_path, workers: int, epochs: int) -> None:
+    """Params, per-epoch metrics, final table, artifacts, checkpoint and registered model of a finished run."""
     client = mlflow.MlflowClient(mlflow_uri)
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["workers"] == "2" and params["preset"] == "tiny" and params["epochs"] == "2"
+    assert params["workers"] == str(workers) and params["preset"] == "tiny" and params["epochs"] == str(epochs)
     assert params["arch.embed_dim"] == str(get_arch("tiny").embed_dim) and params["train_size"] == "256"
     assert {"ray_version", "torch_version", "lr", "batch_size", "seed", "recipe"} <= set(params)
     for key in (
@@ -57,7 +57,7 @@ def test_two_worker_run_logs_params_metrics_artifacts_and_model(ray_session, tmp
         "top1/full",
         "top1/smallest",
     ):
-        assert _steps(mlflow_uri, res.run_id, key) == [0, 1], key
+        assert _steps(mlflow_uri, res.run_id, key) == list(range(epochs)), key
     arch = get_arch("tiny")
     cells = [f"g{g}_k{r:g}" for g in arch.grids for r in arch.keep_rates]
     assert set(res.table) == set(cells)
@@ -164,3 +164,21 @@ def test_bad_inputs_fail_before_training(ray_session, tmp_path, mlflow_uri, caps
     (tmp_path / "bad.yaml").write_text("epochs: 1\ncolour: red\n")
     assert "unknown options colour" in _bad(base + ["--config", str(tmp_path / "bad.yaml")], capsys)
     assert not os.path.exists(tmp_path / "ray")  # nothing was written
+
+
+def test_backfill_logs_checkpointed_epochs_missing_from_mlflow(tmp_path, mlflow_uri):
+    from pipeline.supertrain import backfill_epochs, log_epoch
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    for epoch in (0, 1):
+        d = tmp_path / "run" / f"checkpoint_{epoch}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(
+            json.dumps({"epoch": epoch, "top1/full": 50.0 + epoch, "loss/full": 1.0, "node_id": "n", "top1/g4_k1": 1.0})
+        )
+    assert log_epoch(client, run_id, {"epoch": 0, "top1/full": 50.0, "loss/full": 1.0})
+    assert backfill_epochs(client, run_id, str(tmp_path / "run")) == [1]  # the epoch a killed driver never logged
+    assert backfill_epochs(client, run_id, str(tmp_path / "run")) == []  # never twice
+    assert _steps(mlflow_uri, run_id, "top1/full") == [0, 1] and _steps(mlflow_uri, run_id, "loss/full") == [0, 1]
+    assert "top1/g4_k1" not in client.get_run(run_id).data.metrics  # cell metrics are logged once, at the end

@@ -1,0 +1,156 @@
+"""Failure drills for the search: a killed trial, a killed driver then --resume, a crash mid table write."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import mlflow
+import pytest
+
+from pipeline.latency_table import LatencyTable
+from pipeline.search import SearchOptions, search
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import torch
+
+    from supervit import SuperViT, get_arch, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return save_checkpoint(path, SuperViT(get_arch("tiny"), num_classes=10), extra={"data": "synthetic"})
+
+
+def _opts(tmp_path, uri, ckpt, **kw):
+    base = dict(
+        budgets=["0.6x"],
+        checkpoint=str(ckpt),
+        trials=3,
+        latency_runs=3,
+        trial_cpus=1,
+        seed=1,
+        storage=str(tmp_path / "ray"),
+        mlflow_uri=uri,
+        latency_table=str(tmp_path / "lat.parquet"),
+    )
+    return SearchOptions(**{**base, **kw})
+
+
+def test_killed_trial_is_retried_and_only_finished_trials_are_chosen(ray_session, tmp_path, mlflow_uri, checkpoint):
+    marker = tmp_path / "killed"
+    res = search(_opts(tmp_path, mlflow_uri, checkpoint, inject_failure=str(marker), name="kill"))
+    assert marker.exists()  # a trial process really died
+    assert len(res.trials) == 3  # ... and was retried: every trial finished
+    best = max(res.trials, key=lambda r: (r["top1"], -r["latency_ms"], -r["gflops"]))
+    assert res.chosen[0]["subnet"] == best["subnet"]
+
+
+def _terminated(experiment_dir) -> set[str]:
+    """Trial ids Tune's saved experiment state records as finished."""
+    done = set()
+    for f in experiment_dir.glob("experiment_state*.json"):
+        try:
+            for trial_json, _ in json.loads(f.read_text())["trial_data"]:
+                trial = json.loads(trial_json)
+                if trial["status"] == "TERMINATED":
+                    done.add(trial["trial_id"])
+        except (ValueError, KeyError, OSError):
+            pass  # being written right now
+    return done
+
+
+def _nested(uri, parent):
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_resume_after_the_search_driver_is_killed(ray_session, tmp_path, mlflow_uri, checkpoint):
+    storage = tmp_path / "ray"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.search",
+        "--budget",
+        "0.6x",
+        "--checkpoint",
+        str(checkpoint),
+        "--trials",
+        "6",
+        "--latency-runs",
+        "3",
+        "--trial-cpus",
+        "1",
+        "--seed",
+        "1",
+        "--storage",
+        str(storage),
+        "--mlflow-uri",
+        mlflow_uri,
+        "--latency-table",
+        str(tmp_path / "lat.parquet"),
+        "--name",
+        "drv",
+        "--address",
+        ray_session,
+    ]
+    with open(tmp_path / "driver.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    state_file = storage / "drv" / "supervit_search.json"
+    finished: set[str] = set()
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and len(finished) < 2:
+            finished = _terminated(storage / "drv-budget0")
+            time.sleep(0.2)
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # nothing the driver started is left running
+    assert len(finished) >= 2
+    parent = json.loads(state_file.read_text())["parent_run_id"]
+    res = search(SearchOptions(resume="", storage=str(storage), mlflow_uri=mlflow_uri, address=ray_session))
+    assert res.parent_run_id == parent
+    assert len(res.trials) == 6 and len({r["subnet"] for r in res.trials}) == 6
+    names = [r.info.run_name for r in _nested(mlflow_uri, parent) if "top1" in r.data.metrics]
+    for trial_id in finished:  # a trial the killed driver had finished ran exactly once
+        assert names.count(f"run_trial_{trial_id}") == 1, (trial_id, names)
+    assert mlflow.MlflowClient(mlflow_uri).get_run(parent).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("where", ["before_rename", "mid_write"])
+def test_crash_while_writing_the_latency_table_keeps_the_previous_one(tmp_path, where):
+    path = tmp_path / "lat.parquet"
+    table = LatencyTable(path)
+    row = {"fingerprint": "f", "arch": "a", "subnet": "g4_k1", "batch_size": 1, "dtype": "float32", "median_ms": 1.0}
+    table.put(row)
+    before = path.read_bytes()
+    script = textwrap.dedent(f"""
+        import os, pyarrow.parquet as pq
+        from pipeline.latency_table import LatencyTable
+        if {where!r} == "before_rename":
+            os.replace = lambda *a: os.kill(os.getpid(), 9)
+        else:
+            real = pq.write_table
+            def half(table, where, **kw):
+                real(table, where, **kw)
+                size = os.path.getsize(where)
+                os.truncate(where, size // 2)
+                os.kill(os.getpid(), 9)
+            pq.write_table = half
+        t = LatencyTable({str(path)!r})
+        t.put({{**{row!r}, "subnet": "g8_k1", "median_ms": 2.0}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert path.read_bytes() == before
+    assert LatencyTable(path).rows == table.rows  # the previous table, intact and readable
