@@ -95,11 +95,6 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            # A Ray started here runs its workers at normal priority. Ray's default (nice 15) lets any other
-            # busy process on the machine, Ray's own included, take the CPU from training: on a 2-core
-            # machine sharing it with one busy process, supertraining ran 10x slower than a bare loop.
-            # The raylet reads it when it starts: no effect when this joins a cluster already running.
-            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=num_cpus, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -582,14 +582,21 @@ def _run(
     }
     # One object-store copy of the weights and the split, shared by every trial of every budget.
     trainable = tune.with_parameters(tune.with_resources(run_trial, resources), bundle=bundle)
-    # Save Tune's experiment state after every step, so a killed driver's --resume re-runs no finished trial.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     metric = "top1" if opts.objective == "accuracy" else ["top1", "latency_ms"]
     mode = "max" if opts.objective == "accuracy" else ["max", "min"]
 
     all_rows, chosen = [], []
     for i, (text, budget) in enumerate(budgets):
-        warm = [space.params(s) for s in space.uniform_subnets() if gflops(arch, s, num_classes) <= budget]
+        # Finished trials are recorded by us, atomically, as they finish: --resume starts from that record
+        # (Tune's own experiment state is written in place and a killed driver can leave it empty).
+        record = search_dir / f"finished-budget{i}.json"
+        finished = json.loads(record.read_text()) if state and record.exists() else []
+        known = {space.subnet(r["config"]).validate(arch).name for r in finished}
+        warm = [
+            space.params(s)
+            for s in space.uniform_subnets()
+            if gflops(arch, s, num_classes) <= budget and s.validate(arch).name not in known
+        ]
         searcher = BudgetedOptunaSearch(
             search_space=space,
             arch=arch,
@@ -601,42 +608,41 @@ def _run(
             sampler=make_sampler(opts.sampler, space, opts.seed + i, opts.trials),
             points_to_evaluate=warm[: opts.trials] if opts.warm_start and opts.sampler != "grid" else None,
         )
-        exp_name = f"{name}-budget{i}"
-        run_config = tune.RunConfig(
-            name=exp_name,
-            storage_path=storage,
-            verbose=0,
-            failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-            callbacks=[
-                MLflowLoggerCallback(
-                    tracking_uri=tracking_uri,
-                    experiment_name=opts.experiment,
-                    save_artifact=False,
-                    tags={"mlflow.parentRunId": parent_id, "budget": text, "supervit.stage": "search-trial"},
-                ),
-                Progress(text, opts.trials),
-            ],
-        )
-        exp_path = f"{storage}/{exp_name}"
-        if state and tune.Tuner.can_restore(exp_path):
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
-        else:
+        for r in finished:  # never run again; proposed again, they are answered from memory
+            searcher.known[space.subnet(r["config"]).validate(arch).name] = {k: r[k] for k in ("top1", "latency_ms")}
+        results = list(finished)
+        remaining = opts.trials - len(finished)
+        if remaining > 0 and not searcher.feasible <= set(searcher.known):
+            run_config = tune.RunConfig(
+                name=f"{name}-budget{i}" + (f"-resumed{len(finished)}" if finished else ""),
+                storage_path=storage,
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                callbacks=[
+                    MLflowLoggerCallback(
+                        tracking_uri=tracking_uri,
+                        experiment_name=opts.experiment,
+                        save_artifact=False,
+                        tags={"mlflow.parentRunId": parent_id, "budget": text, "supervit.stage": "search-trial"},
+                    ),
+                    FinishedRecord(record, results),
+                    Progress(text, opts.trials, done=len(finished)),
+                ],
+            )
             tuner = tune.Tuner(
                 trainable,
                 run_config=run_config,
                 tune_config=tune.TuneConfig(
                     search_alg=ConcurrencyLimiter(searcher, max_concurrent=opts.concurrent),
-                    num_samples=opts.trials,
+                    num_samples=remaining,
                     reuse_actors=True,
                 ),
             )
-        grid = tuner.fit()
+            tuner.fit()
         rows = []
-        for r in grid:
-            if r.error or not r.metrics or "top1" not in r.metrics:
-                continue  # failed trials are never chosen
-            sub = space.subnet(r.config)
-            m = r.metrics
+        for m in results:
+            sub = space.subnet(m["config"])
+
             rows.append(
                 {
                     "budget": text,
@@ -651,7 +657,7 @@ def _run(
                     "latency_p90_ms": m["latency_p90_ms"],
                     "latency_cached": bool(m["latency_cached"]),
                     "uniform": bool(m["uniform"]),
-                    "trial_id": r.metrics.get("trial_id", ""),
+                    "trial_id": m["trial_id"],
                     "trial_node": m["trial_node"],
                     "latency_node": m["latency_node"],
                     "latency_hardware": m["latency_hardware"],
@@ -694,11 +700,28 @@ def _entry(row: dict, model: SuperViT, space: SearchSpace, xt, yt) -> dict:
     }
 
 
+class FinishedRecord(Callback):
+    """Tune callback keeping, in ``results`` and atomically in ``path``, every trial that finished with a result
+    (failed trials are never chosen and are not recorded)."""
+
+    def __init__(self, path: Path, results: list[dict]) -> None:
+        self.path, self.results = path, results
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        m = trial.last_result or {}
+        if "top1" in m:
+            self.results.append(
+                {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}
+                | {"config": dict(trial.config), "trial_id": trial.trial_id}
+            )
+            atomic_write_text(self.path, dump_json(self.results))
+
+
 class Progress(Callback):
     """Tune callback printing one line per finished trial."""
 
-    def __init__(self, budget: str, trials: int) -> None:
-        self.budget, self.trials, self.done = budget, trials, 0
+    def __init__(self, budget: str, trials: int, done: int = 0) -> None:
+        self.budget, self.trials, self.done = budget, trials, done
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.done += 1

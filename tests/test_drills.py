@@ -52,20 +52,6 @@ def test_killed_trial_is_retried_and_only_finished_trials_are_chosen(ray_session
     assert res.chosen[0]["subnet"] == best["subnet"]
 
 
-def _terminated(experiment_dir) -> set[str]:
-    """Trial ids Tune's saved experiment state records as finished."""
-    done = set()
-    for f in experiment_dir.glob("experiment_state*.json"):
-        try:
-            for trial_json, _ in json.loads(f.read_text())["trial_data"]:
-                trial = json.loads(trial_json)
-                if trial["status"] == "TERMINATED":
-                    done.add(trial["trial_id"])
-        except (ValueError, KeyError, OSError):
-            pass  # being written right now
-    return done
-
-
 def _nested(uri, parent):
     client = mlflow.MlflowClient(uri)
     exp = client.get_run(parent).info.experiment_id
@@ -107,8 +93,12 @@ def test_resume_after_the_search_driver_is_killed(ray_session, tmp_path, mlflow_
     finished: set[str] = set()
     try:
         deadline = time.time() + 240
+        record = storage / "drv" / "finished-budget0.json"
         while time.time() < deadline and proc.poll() is None and len(finished) < 2:
-            finished = _terminated(storage / "drv-budget0")
+            try:  # written atomically by the driver as trials finish
+                finished = {r["trial_id"] for r in json.loads(record.read_text())}
+            except FileNotFoundError:
+                pass
             time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
     finally:
