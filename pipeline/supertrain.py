@@ -41,7 +41,17 @@ from .common import (
 EXPERIMENT = "supervit-supertrain"
 RUN_STATE = "supervit_run.json"  # beside Ray's run folder: what --resume needs to continue the same MLflow run
 
-# Per-preset training defaults; flags override them.
+# Per-preset training defaults; flags override them. DeiT's ImageNet recipe for both DeiT presets.
+_DEIT = dict(
+    epochs=300,
+    batch_size=256,
+    lr=5e-4,
+    warmup_epochs=5,
+    weight_decay=0.05,
+    label_smoothing=0.1,
+    drop_path=0.1,
+    clip_grad=None,
+)
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         epochs=20,
@@ -53,26 +63,8 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
         drop_path=0.0,
         clip_grad=1.0,
     ),
-    "deit_ti": dict(
-        epochs=300,
-        batch_size=256,
-        lr=5e-4,
-        warmup_epochs=5,
-        weight_decay=0.05,
-        label_smoothing=0.1,
-        drop_path=0.1,
-        clip_grad=None,
-    ),
-    "deit_s": dict(
-        epochs=300,
-        batch_size=256,
-        lr=5e-4,
-        warmup_epochs=5,
-        weight_decay=0.05,
-        label_smoothing=0.1,
-        drop_path=0.1,
-        clip_grad=None,
-    ),
+    "deit_ti": _DEIT,
+    "deit_s": _DEIT,
 }
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from test_model import SMALL
 
 from supervit import (
-    ArchConfig,
     SubnetConfig,
     SubnetSampler,
     SuperViT,
@@ -18,18 +18,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
-
-SMALL = ArchConfig(
-    patch_size=4,
-    embed_dim=48,
-    depth=6,
-    num_heads=4,
-    mlp_ratio=2.0,
-    grids=(4, 6, 8),
-    prune_blocks=(1, 3, 5),
-    in_chans=3,
-    name="small",
-)
 
 
 def test_cuda_forward_matches_cpu():
