@@ -21,6 +21,9 @@ __all__ = [
     "init_ray",
     "parse_with_config",
     "atomic_write_text",
+    "write_run_file",
+    "read_run_file",
+    "find_resume",
     "Parser",
     "ui_command",
 ]
@@ -163,3 +166,70 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def dump_json(obj: Any) -> str:
     """Stable, readable JSON."""
     return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def _bucket(storage: str):
+    """(pyarrow filesystem, root path) of a bucket URI, or None for a local path."""
+    if "://" not in storage:
+        return None
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(storage)
+
+
+def write_run_file(storage: str, name: str, filename: str, text: str) -> None:
+    """Write ``<storage>/<name>/<filename>`` whole: a local file atomically (temporary file + rename), a bucket
+    object by one upload (object stores never show half an object)."""
+    fs = _bucket(storage)
+    if fs is None:
+        atomic_write_text(Path(storage) / name / filename, text)
+        return
+    fs, root = fs
+    fs.create_dir(f"{root}/{name}", recursive=True)
+    with fs.open_output_stream(f"{root}/{name}/{filename}") as f:
+        f.write(text.encode())
+
+
+def read_run_file(storage: str, name: str, filename: str) -> str | None:
+    """The text of ``<storage>/<name>/<filename>``, or None where it does not exist."""
+    fs = _bucket(storage)
+    try:
+        if fs is None:
+            return (Path(storage) / name / filename).read_text()
+        fs, root = fs
+        with fs.open_input_stream(f"{root}/{name}/{filename}") as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def find_resume(storage: str, name: str | None, filename: str, what: str) -> tuple[str, dict]:
+    """The name and saved state (JSON in ``<storage>/<name>/<filename>``) of the ``what`` (``run``,
+    ``search``) to resume: ``name``, or on a local storage the newest unfinished one.
+
+    Raises:
+        UsageError: nothing matches, or it already finished.
+    """
+    if _bucket(storage) is not None:
+        # Listing a bucket for the newest state would be slow and racy; the name is printed at the start.
+        if not name:
+            raise UsageError(f"--resume on a bucket storage needs the {what} name (--resume NAME)")
+        text = read_run_file(storage, name, filename)
+        if text is None:
+            raise UsageError(f"nothing to resume: no {what} {name!r} in {storage}")
+        found = [(0.0, name, json.loads(text))]
+    else:
+        root = Path(storage)
+        found = []
+        for f in root.glob(f"*/{filename}") if root.is_dir() else []:
+            state = json.loads(f.read_text())
+            if (name is None and state.get("status") != "finished") or f.parent.name == name:
+                found.append((f.stat().st_mtime, f.parent.name, state))
+        if not found:
+            raise UsageError(
+                f"nothing to resume: no {what + ' ' + repr(name) if name else 'unfinished ' + what} in {storage}"
+            )
+    _, found_name, state = max(found, key=lambda t: t[0])
+    if state.get("status") == "finished":
+        raise UsageError(f"nothing to resume: {what} {found_name!r} in {storage} already finished")
+    return found_name, state

@@ -42,14 +42,16 @@ from supervit import (
 from .common import (
     Parser,
     UsageError,
-    atomic_write_text,
     check_mlflow,
     dump_json,
+    find_resume,
     init_ray,
     parse_with_config,
+    read_run_file,
     resolve_tracking_uri,
     run_cli,
     ui_command,
+    write_run_file,
 )
 from .latency_table import KEY, LatencyTable, arch_key
 from .space import SearchSpace, default_space_path, load_space
@@ -371,23 +373,6 @@ def _default_storage() -> str:
     return str(Path("ray_results").resolve())
 
 
-def _find_resume(storage: str, name: str | None) -> tuple[str, dict]:
-    root = Path(storage)
-    found = []
-    for f in root.glob(f"*/{STATE_FILE}") if root.is_dir() else []:
-        state = json.loads(f.read_text())
-        if (name is None and state["status"] != "finished") or f.parent.name == name:
-            found.append((f.stat().st_mtime, f.parent.name, state))
-    if not found:
-        raise UsageError(
-            f"nothing to resume: no {'search ' + repr(name) if name else 'unfinished search'} in {storage}"
-        )
-    _, search_name, state = max(found)
-    if state["status"] == "finished":
-        raise UsageError(f"nothing to resume: search {search_name!r} already finished")
-    return search_name, state
-
-
 def search(opts: SearchOptions) -> SearchResult:
     """Run (or resume) a search over every budget; bad input raises `UsageError` before anything is written."""
     from supervit import load_checkpoint
@@ -396,7 +381,7 @@ def search(opts: SearchOptions) -> SearchResult:
     storage = opts.storage or _default_storage()
     state = None
     if opts.resume is not None:
-        name, state = _find_resume(storage, opts.resume or None)
+        name, state = find_resume(storage, opts.resume or None, STATE_FILE, "search")
         keep = {k: getattr(opts, k) for k in ("address", "storage", "mlflow_uri", "inject_failure")}
         opts = SearchOptions(**{**state["options"], **{k: v for k, v in keep.items() if v is not None}})
     else:
@@ -545,14 +530,13 @@ def _run(
             "torch_version": torch.__version__,
         }
         client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    search_dir = Path(storage) / name
     save_state = {
         "parent_run_id": parent_id,
         "tracking_uri": tracking_uri,
         "status": "running",
         "options": dataclasses.asdict(opts),
     }
-    atomic_write_text(search_dir / STATE_FILE, dump_json(save_state))
+    write_run_file(storage, name, STATE_FILE, dump_json(save_state))
 
     # The table lives on the driver's node; trials on any node ask it, so each subnet is measured once.
     here = ray.get_runtime_context().get_node_id()
@@ -589,8 +573,9 @@ def _run(
     for i, (text, budget) in enumerate(budgets):
         # Finished trials are recorded by us, atomically, as they finish: --resume starts from that record
         # (Tune's own experiment state is written in place and a killed driver can leave it empty).
-        record = search_dir / f"finished-budget{i}.json"
-        finished = json.loads(record.read_text()) if state and record.exists() else []
+        record = f"finished-budget{i}.json"
+        saved = read_run_file(storage, name, record) if state else None
+        finished = json.loads(saved) if saved else []
         known = {space.subnet(r["config"]).validate(arch).name for r in finished}
         warm = [
             space.params(s)
@@ -625,7 +610,7 @@ def _run(
                         save_artifact=False,
                         tags={"mlflow.parentRunId": parent_id, "budget": text, "supervit.stage": "search-trial"},
                     ),
-                    FinishedRecord(record, results),
+                    FinishedRecord(storage, name, record, results),
                     Progress(text, opts.trials, done=len(finished)),
                 ],
             )
@@ -681,7 +666,7 @@ def _run(
         all_rows += rows
     _log_outputs(client, parent_id, chosen, all_rows, table_path, budgets, latency_budget, arch)
     client.set_terminated(parent_id, "FINISHED")
-    atomic_write_text(search_dir / STATE_FILE, dump_json({**save_state, "status": "finished"}))
+    write_run_file(storage, name, STATE_FILE, dump_json({**save_state, "status": "finished"}))
     return SearchResult(parent_id, tracking_uri, chosen, all_rows)
 
 
@@ -701,11 +686,11 @@ def _entry(row: dict, model: SuperViT, space: SearchSpace, xt, yt) -> dict:
 
 
 class FinishedRecord(Callback):
-    """Tune callback keeping, in ``results`` and atomically in ``path``, every trial that finished with a result
-    (failed trials are never chosen and are not recorded)."""
+    """Tune callback keeping, in ``results`` and whole in ``<storage>/<name>/<filename>``, every trial that
+    finished with a result (failed trials are never chosen and are not recorded)."""
 
-    def __init__(self, path: Path, results: list[dict]) -> None:
-        self.path, self.results = path, results
+    def __init__(self, storage: str, name: str, filename: str, results: list[dict]) -> None:
+        self.where, self.results = (storage, name, filename), results
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         m = trial.last_result or {}
@@ -714,7 +699,7 @@ class FinishedRecord(Callback):
                 {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}
                 | {"config": dict(trial.config), "trial_id": trial.trial_id}
             )
-            atomic_write_text(self.path, dump_json(self.results))
+            write_run_file(*self.where, dump_json(self.results))
 
 
 class Progress(Callback):

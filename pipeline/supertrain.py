@@ -28,14 +28,15 @@ from supervit.train import RECIPES
 from .common import (
     Parser,
     UsageError,
-    atomic_write_text,
     check_mlflow,
     dump_json,
+    find_resume,
     init_ray,
     parse_with_config,
     resolve_tracking_uri,
     run_cli,
     ui_command,
+    write_run_file,
 )
 
 EXPERIMENT = "supervit-supertrain"
@@ -445,48 +446,6 @@ def _default_storage() -> str:
     return str(Path("ray_results").resolve())
 
 
-def _find_resume(storage: str, name: str | None) -> tuple[str, dict]:
-    """The run folder and saved state of the run to resume: ``name``, or the newest unfinished one."""
-    import json
-
-    if "://" in storage:
-        if not name:
-            raise UsageError("--resume on a bucket storage needs the run name (--resume NAME)")
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(storage)
-        try:
-            with fs.open_input_stream(f"{root}/{name}/{RUN_STATE}") as f:
-                return name, json.loads(f.read())
-        except (FileNotFoundError, OSError):
-            raise UsageError(f"nothing to resume: no run {name!r} in {storage}") from None
-    root = Path(storage)
-    candidates = []
-    for state_file in root.glob(f"*/{RUN_STATE}") if root.is_dir() else []:
-        state = json.loads(state_file.read_text())
-        if (name is None and state.get("status") != "finished") or state_file.parent.name == name:
-            candidates.append((state_file.stat().st_mtime, state_file.parent.name, state))
-    if not candidates:
-        what = f"run {name!r}" if name else "unfinished run"
-        raise UsageError(f"nothing to resume: no {what} in {storage}")
-    _, run_name, state = max(candidates)
-    if state.get("status") == "finished":
-        raise UsageError(f"nothing to resume: run {run_name!r} in {storage} already finished")
-    return run_name, state
-
-
-def _write_state(storage: str, name: str, state: dict) -> None:
-    if "://" in storage:
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(storage)
-        fs.create_dir(f"{root}/{name}", recursive=True)
-        with fs.open_output_stream(f"{root}/{name}/{RUN_STATE}") as f:
-            f.write(dump_json(state).encode())
-    else:
-        atomic_write_text(Path(storage) / name / RUN_STATE, dump_json(state))
-
-
 def supertrain(opts: SupertrainOptions) -> SupertrainResult:
     """Run (or resume) one supertraining and log it to MLflow. Bad input raises `UsageError` (or a
     `CheckpointError`/`DataError`) before anything starts."""
@@ -500,7 +459,7 @@ def supertrain(opts: SupertrainOptions) -> SupertrainResult:
     tracking_uri = resolve_tracking_uri(opts.mlflow_uri)
     resume_state = None
     if opts.resume is not None:
-        run_name, resume_state = _find_resume(storage, opts.resume or None)
+        run_name, resume_state = find_resume(storage, opts.resume or None, RUN_STATE, "run")
         keep = {k: getattr(opts, k) for k in ("address", "storage", "mlflow_uri", "inject_failure")}
         opts = SupertrainOptions(**{**resume_state["options"], **{k: v for k, v in keep.items() if v is not None}})
         tracking_uri = resolve_tracking_uri(opts.mlflow_uri or resume_state["tracking_uri"])
@@ -558,16 +517,13 @@ def supertrain(opts: SupertrainOptions) -> SupertrainResult:
         from mlflow.entities import Param
 
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    _write_state(
-        storage,
-        run_name,
-        {
-            "mlflow_run_id": run_id,
-            "tracking_uri": tracking_uri,
-            "status": "running",
-            "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "inject_failure"},
-        },
-    )
+    state = {
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "status": "running",
+        "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "inject_failure"},
+    }
+    write_run_file(storage, run_name, RUN_STATE, dump_json(state))
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -635,7 +591,7 @@ def _finish(opts, arch, splits, result, client, run_id, tracking_uri, storage, r
         "status": "finished",
         "options": {k: v for k, v in dataclasses.asdict(opts).items() if k != "inject_failure"},
     }
-    _write_state(storage, run_name, state)
+    write_run_file(storage, run_name, RUN_STATE, dump_json(state))
     art = mlflow.MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri
     return SupertrainResult(
         run_id,
