@@ -30,16 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bare_loop import bare_train  # noqa: E402
+
 from pipeline.common import init_ray  # noqa: E402
-from pipeline.supertrain import (  # noqa: E402
-    SupertrainOptions,
-    _lr_lambda,
-    _param_groups,
-    evaluate,
-    supertrain,
-)
-from supervit import SubnetSampler, SuperViT, get_arch, supertrain_step  # noqa: E402
-from supervit.data import load_data  # noqa: E402
+from pipeline.supertrain import SupertrainOptions, evaluate, supertrain  # noqa: E402
 
 
 def proc_cpu() -> dict[int, tuple[int, float]]:
@@ -66,32 +60,15 @@ def others_cpu(before: dict, after: dict) -> float:
 
 def bare_loop(opts: SupertrainOptions, threads: int) -> list[tuple[float, float]]:
     """(epoch seconds, images/s) per epoch of the worker's training loop, run here without Ray."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(opts.seed)
-    arch = get_arch(opts.preset)
-    splits = load_data(opts.data, arch)
-    model = SuperViT(arch, num_classes=splits.num_classes, drop_path_rate=opts.drop_path, pos_embed_init=opts.pos_init)
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=opts.batch_size, shuffle=True, drop_last=True)
-    val_loader = torch.utils.data.DataLoader(splits.search, batch_size=256)
-    optimizer = torch.optim.AdamW(_param_groups(model, opts.weight_decay), lr=opts.lr)
-    steps = len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(int(opts.warmup_epochs * steps), opts.epochs * steps)
-    )
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
-    sampler = SubnetSampler(arch, opts.recipe, schedules=opts.schedules, seed=opts.seed)
-    out = []
-    for _ in range(opts.epochs):
-        model.train()
-        t0, seen = time.perf_counter(), 0
-        for x, y in loader:
-            supertrain_step(model, x, y, sampler.sample(), optimizer, criterion, None, None, opts.clip_grad)
-            scheduler.step()
-            seen += len(y)
-        dt = time.perf_counter() - t0
-        out.append((dt, seen / dt))
-        evaluate(model, val_loader, [arch.largest, arch.smallest], torch.device("cpu"))  # as the worker does
-    return out
+    val = {}
+
+    def epoch_end(model, splits):  # evaluate as the worker does
+        if "loader" not in val:
+            val["loader"] = torch.utils.data.DataLoader(splits.search, batch_size=256)
+        arch = model.arch
+        evaluate(model, val["loader"], [arch.largest, arch.smallest], torch.device("cpu"))
+
+    return bare_train(opts, threads, epoch_end=epoch_end)[2]
 
 
 def ray_run(opts: SupertrainOptions, tmp: str) -> list[tuple[float, float]]:

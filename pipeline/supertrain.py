@@ -183,6 +183,16 @@ def _lr_lambda(warmup_steps: int, total_steps: int):
     return f
 
 
+def make_optimizer(model, opts: SupertrainOptions, steps_per_epoch: int):
+    """AdamW (no decay on norms, biases and embeddings), per-step warm-up + cosine schedule, and the task loss
+    of resolved ``opts``: what every training loop of the project uses."""
+    optimizer = torch.optim.AdamW(_param_groups(model, opts.weight_decay), lr=opts.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(int(opts.warmup_epochs * steps_per_epoch), opts.epochs * steps_per_epoch)
+    )
+    return optimizer, scheduler, torch.nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: data shard, DDP model, supertraining epochs, checkpoint + report each epoch."""
     import ray
@@ -223,18 +233,14 @@ def train_loop_per_worker(config: dict) -> None:
     val_loader = torch.utils.data.DataLoader(_shard(splits.search, rank, world), batch_size=256)
     test_loader = torch.utils.data.DataLoader(_shard(splits.test, rank, world), batch_size=256)
 
-    optimizer = torch.optim.AdamW(_param_groups(core, opts.weight_decay), lr=opts.lr)
     steps_per_epoch = len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(int(opts.warmup_epochs * steps_per_epoch), opts.epochs * steps_per_epoch)
-    )
+    optimizer, scheduler, criterion = make_optimizer(core, opts, steps_per_epoch)
     autocast_dtype = None
     scaler = None
     if use_cuda:
         autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if autocast_dtype == torch.float16:
             scaler = torch.amp.GradScaler("cuda")
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
     sampler = SubnetSampler(arch, opts.recipe, schedules=opts.schedules, seed=opts.seed)
 
     start_epoch = 0
