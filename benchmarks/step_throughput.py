@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from supervit import SubnetSampler, SuperViT, get_arch, supertrain_step
+from supervit import RECIPES, SubnetSampler, SuperViT, get_arch, supertrain_step
 
 
 def throughput(preset: str, device: str, batch: int, recipe: str, amp: str | None, steps: int) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
     print("| recipe | precision | images/s |")
     print("|---|---|---|")
     amps = ["bf16", None] if args.device == "cuda" else [None]
-    for recipe in ("seed", "sandwich"):
+    for recipe in RECIPES:
         for amp in amps:
             ips = throughput(args.preset, args.device, args.batch_size, recipe, amp, args.steps)
             print(f"| {recipe} | {amp or 'fp32'} | {ips:.0f} |")

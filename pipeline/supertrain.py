@@ -86,7 +86,7 @@ class SupertrainOptions:
     label_smoothing: float | None = None
     drop_path: float | None = None
     clip_grad: float | None = None
-    recipe: str = "seed"
+    recipe: str = "balanced"
     schedules: bool = True
     pos_init: str = "sincos"
     workers: int = 1
@@ -709,7 +709,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--label-smoothing", type=float, help="label smoothing of the task loss (preset default)")
     a("--drop-path", type=float, help="stochastic depth rate (preset default)")
     a("--clip-grad", type=float, help="max gradient norm (preset default)")
-    a("--recipe", default="seed", choices=RECIPES, help="supertraining recipe (default: seed, the paper's)")
+    a(
+        "--recipe",
+        default=SupertrainOptions.recipe,
+        choices=RECIPES,
+        help="supertraining recipe (default: balanced; seed: the paper's, for reproduction; see README)",
+    )
     a(
         "--no-schedules",
         dest="schedules",

@@ -1,19 +1,26 @@
 """Supertraining: which subnets a step trains (the sampler) and the step itself.
 
-A step runs a few subnets on one batch and accumulates their gradients into one optimizer step. Each
-subnet has a *role*: trained by the task loss, or distilled (KL divergence) from the detached output of an
-earlier role of the same step. The sampler decides the roles; the step knows nothing of recipes.
+A step runs a few subnets (four in every recipe) on one batch. Each subnet has a *role*: trained by the
+task loss, or distilled (KL divergence) from the detached output of an earlier role of the same step. The
+roles' gradients are accumulated into one optimizer step, or (``balanced``) each role takes its own
+optimizer step right after its backward. The sampler decides the roles; the step knows nothing of recipes.
 
 Recipes:
     ``seed``: the paper's four subnets: (largest grid, keep 1) and (a random smaller grid, keep 1) with the
         task loss, each followed by the same grid at a random keep rate distilled from it.
     ``sandwich``: the sandwich rule with in-place distillation (BigNAS, once-for-all): the full model with the
         task loss, then the smallest subnet and two random ones, all distilled from the full model.
+    ``balanced`` (the pipeline's default; `benchmarks/fidelity.py` measures why): the full model with the
+        task loss; then, distilled from it, the smallest grid in rotation at its smallest subnet, at keep 1,
+        at a random schedule and at keep 1 again, and two roles drawn without replacement from the largest grid at a
+        reduced schedule and every middle grid at a random schedule (with three grids, every grid at every
+        step); one optimizer step per role.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +33,7 @@ from .config import ArchConfig, SubnetConfig
 
 __all__ = ["Role", "SubnetSampler", "RECIPES", "supertrain_step", "distill_loss"]
 
-RECIPES = ("seed", "sandwich")
+RECIPES = ("seed", "sandwich", "balanced")
 
 
 @dataclass(frozen=True)
@@ -38,11 +45,16 @@ class Role:
         subnet: The subnet run.
         teacher: Name of an earlier role whose detached output this one is distilled from; None for the
             task loss.
+        task_weight: For a distilled role, the weight of the task loss mixed into its loss
+            (``(1 - w) * distillation + w * task``).
+        update: Take an optimizer step right after this role's backward (the last role always does).
     """
 
     name: str
     subnet: SubnetConfig
     teacher: str | None = None
+    task_weight: float = 0.0
+    update: bool = False
 
 
 class SubnetSampler:
@@ -50,13 +62,28 @@ class SubnetSampler:
 
     Args:
         arch: The architecture (grids and trained keep rates).
-        recipe: ``seed`` or ``sandwich``.
+        recipe: One of `RECIPES` (default ``balanced``).
         schedules: Draw a keep rate per stage (any combination of ``arch.keep_rates``), so that every
             schedule a search may pick is trained; False draws one rate for all stages, as the paper does.
         seed: Seed of the sampler's own random stream (independent of torch's).
+        task_weight: Weight of the task loss mixed into every distilled role's loss (0: distillation only).
+        update_every_role: One optimizer step per role instead of one per step (gradients not accumulated);
+            None: the recipe's choice (``balanced`` only).
+        smallest_grid_rotation: ``balanced`` only: what the smallest grid's role trains, step after step, in
+            rotation: ``smallest`` (its lowest keep rate at every stage), ``keep1`` (every token), ``any`` (a
+            random schedule).
     """
 
-    def __init__(self, arch: ArchConfig, recipe: str = "seed", schedules: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        arch: ArchConfig,
+        recipe: str = "balanced",
+        schedules: bool = False,
+        seed: int = 0,
+        task_weight: float = 0.0,
+        update_every_role: bool | None = None,
+        smallest_grid_rotation: Sequence[str] = ("smallest", "keep1", "any", "keep1"),
+    ) -> None:
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         if len(arch.grids) < 2 or len(arch.keep_rates) < 2:
@@ -64,7 +91,13 @@ class SubnetSampler:
         self.arch = arch
         self.recipe = recipe
         self.schedules = schedules
+        self.task_weight = task_weight
+        self.update_every_role = recipe == "balanced" if update_every_role is None else update_every_role
+        if not smallest_grid_rotation or set(smallest_grid_rotation) - {"smallest", "keep1", "any"}:
+            raise ValueError(f"smallest_grid_rotation takes smallest, keep1 and any; got {smallest_grid_rotation}")
+        self.smallest_grid_rotation = tuple(smallest_grid_rotation)
         self.rng = random.Random(seed)
+        self._steps = 0
 
     def _reduced(self, grid: int) -> SubnetConfig:
         """``grid`` at a random keep-rate schedule with at least one stage below 1."""
@@ -86,32 +119,57 @@ class SubnetSampler:
 
     def sample(self) -> list[Role]:
         """The roles of one step, in the order they must run (teachers first)."""
+        roles = self._sample()
+        if self.update_every_role:
+            roles = [dataclasses.replace(r, update=True) for r in roles]
+        return roles
+
+    def _sample(self) -> list[Role]:
         arch = self.arch
         full = arch.largest
+        w = self.task_weight
+        step, self._steps = self._steps, self._steps + 1
         if self.recipe == "seed":
             grid = self.rng.choice(arch.grids[:-1])
             return [
                 Role("full", full),
-                Role("full_keep", self._reduced(full.grid), teacher="full"),
+                Role("full_keep", self._reduced(full.grid), "full", w),
                 Role("grid", SubnetConfig(grid, (1.0,) * arch.num_stages)),
-                Role("grid_keep", self._reduced(grid), teacher="grid"),
+                Role("grid_keep", self._reduced(grid), "grid", w),
             ]
-        return [
-            Role("full", full),
-            Role("smallest", arch.smallest, teacher="full"),
-            Role("random1", self._any(self.rng.choice(arch.grids)), teacher="full"),
-            Role("random2", self._any(self.rng.choice(arch.grids)), teacher="full"),
+        if self.recipe == "sandwich":
+            return [
+                Role("full", full),
+                Role("smallest", arch.smallest, "full", w),
+                Role("random1", self._any(self.rng.choice(arch.grids)), "full", w),
+                Role("random2", self._any(self.rng.choice(arch.grids)), "full", w),
+            ]
+        # balanced: rotate the smallest grid through its cells (the sandwich's bottom every few steps; keep 1
+        # half the time, which the fidelity benchmark found its keep-1 cell needs), and draw the other two
+        # roles without replacement so that no grid starves.
+        phase = self.smallest_grid_rotation[step % len(self.smallest_grid_rotation)]
+        if phase == "smallest":
+            small = arch.smallest
+        elif phase == "keep1":
+            small = SubnetConfig(arch.grids[0], (1.0,) * arch.num_stages)
+        else:
+            small = self._any(arch.grids[0])
+        slots = [lambda: self._reduced(full.grid)] + [lambda g=g: self._any(g) for g in arch.grids[1:-1]]
+        picks = self.rng.sample(slots, min(2, len(slots)))
+        return [Role("full", full), Role("smallest_grid", small, "full", w)] + [
+            Role(f"grid{i + 1}", pick(), "full", w) for i, pick in enumerate(picks)
         ]
 
     def state_dict(self) -> dict:
         """The random stream's state, for exact resumption."""
-        return {"rng": self.rng.getstate()}
+        return {"rng": self.rng.getstate(), "steps": self._steps}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict`."""
         rng = state["rng"]
         # JSON turns the inner tuple into a list; random wants it back as a tuple.
         self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        self._steps = state.get("steps", 0)
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -159,9 +217,9 @@ def supertrain_step(
     needed = {r.teacher for r in roles if r.teacher}
     no_sync = getattr(model, "no_sync", None)
     for i, role in enumerate(roles):
-        last = i == len(roles) - 1
-        # DDP: accumulate locally, all-reduce once with the last backward.
-        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        update = role.update or i == len(roles) - 1
+        # DDP: accumulate locally, all-reduce once with the backward an update follows.
+        sync = contextlib.nullcontext() if update or no_sync is None else no_sync()
         with sync:
             with torch.autocast(images.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 logits = model(images, role.subnet)
@@ -169,10 +227,20 @@ def supertrain_step(
                     loss = criterion(logits.float(), targets)
                 else:
                     loss = distill_loss(logits, outputs[role.teacher])
+                    if role.task_weight:
+                        loss = (1.0 - role.task_weight) * loss + role.task_weight * criterion(logits.float(), targets)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if role.name in needed:
             outputs[role.name] = logits.detach()
         losses[role.name] = loss.detach()
+        if update:
+            _update(model, optimizer, scaler, clip_grad)
+    # One host sync for all losses, after the step.
+    return {k: float(v) for k, v in losses.items()}
+
+
+def _update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, clip_grad: float | None) -> None:
+    """Clip, step (through the scaler, if any) and zero the gradients."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     if clip_grad:
@@ -182,5 +250,4 @@ def supertrain_step(
         scaler.update()
     else:
         optimizer.step()
-    # One host sync for all losses, after the step.
-    return {k: float(v) for k, v in losses.items()}
+    optimizer.zero_grad(set_to_none=True)

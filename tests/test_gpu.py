@@ -5,6 +5,7 @@ import torch
 from test_model import SMALL
 
 from supervit import (
+    RECIPES,
     SubnetConfig,
     SubnetSampler,
     SuperViT,
@@ -32,7 +33,7 @@ def test_cuda_forward_matches_cpu():
             torch.testing.assert_close(model(x.cuda(), s).cpu(), e, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("recipe", ["seed", "sandwich"])
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_bf16_supertraining_steps_on_cuda(recipe):
     torch.manual_seed(0)
     arch = get_arch("deit_s")

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.common import run_cli
 from pipeline.supertrain import SupertrainOptions, main, supertrain
-from supervit import ArchConfig, SuperViT, get_arch, load_checkpoint, save_checkpoint
+from supervit import ArchConfig, SubnetSampler, SuperViT, get_arch, load_checkpoint, save_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -46,11 +46,11 @@ def check_supertrain_run(res, mlflow_uri: str, tmp_path, workers: int, epochs: i
     assert params["workers"] == str(workers) and params["preset"] == "tiny" and params["epochs"] == str(epochs)
     assert params["arch.embed_dim"] == str(get_arch("tiny").embed_dim) and params["train_size"] == "256"
     assert {"ray_version", "torch_version", "lr", "batch_size", "seed", "recipe"} <= set(params)
+    roles = [f"loss/{r.name}" for r in SubnetSampler(get_arch("tiny"), params["recipe"]).sample()]
+    assert params["recipe"] == "balanced"  # the default
+    assert roles == ["loss/full", "loss/smallest_grid", "loss/grid1", "loss/grid2"]
     for key in (
-        "loss/full",
-        "loss/full_keep",
-        "loss/grid",
-        "loss/grid_keep",
+        *roles,
         "lr",
         "epoch_time_s",
         "images_per_s",

@@ -1,11 +1,12 @@
 """Subnet sampling and the supertraining step."""
 
 import collections
+import json
 
 import pytest
 import torch
 
-from supervit import SubnetSampler, SuperViT, get_arch, supertrain_step
+from supervit import Role, SubnetConfig, SubnetSampler, SuperViT, distill_loss, get_arch, supertrain_step
 from supervit.data import synthetic
 
 
@@ -46,15 +47,57 @@ def test_sandwich_recipe_always_trains_the_smallest():
             r.subnet.validate(arch)
 
 
-def test_sampler_is_seeded_and_resumable():
+def test_balanced_recipe_trains_every_grid_every_step():
     arch = get_arch("tiny")
-    a, b = SubnetSampler(arch, seed=3, schedules=True), SubnetSampler(arch, seed=3, schedules=True)
+    sampler = SubnetSampler(arch, "balanced", schedules=True, seed=0)
+    assert sampler.update_every_role  # the recipe's own choice
+    seen = collections.defaultdict(set)
+    for step in range(2000):
+        roles = sampler.sample()
+        assert len(roles) == 4
+        assert roles[0].subnet == arch.largest and roles[0].teacher is None
+        assert all(r.teacher == "full" for r in roles[1:])
+        # Three grids: every grid at every step, the largest at a reduced schedule (never the full model twice).
+        assert sorted(r.subnet.grid for r in roles[1:]) == sorted(arch.grids)
+        assert all(r.subnet != arch.largest for r in roles[1:])
+        small = roles[1].subnet
+        assert small.grid == min(arch.grids)
+        if step % 4 == 0:  # the rotation: smallest subnet, keep 1, a random schedule, keep 1
+            assert small == arch.smallest
+        elif step % 2 == 1:
+            assert small.keep_rates == (1.0,) * arch.num_stages
+        for r in roles[1:]:
+            r.subnet.validate(arch)
+            seen[r.subnet.grid].add(r.subnet.keep_rates)
+    n = len(arch.keep_rates) ** arch.num_stages
+    assert len(seen[min(arch.grids)]) == n  # every schedule of the smallest grid, keep 1 included
+    assert len(seen[max(arch.grids)]) == n - 1  # every reduced schedule of the largest
+
+
+def test_balanced_recipe_with_four_grids_spreads_the_middle_roles():
+    arch = get_arch("deit_s")
+    sampler = SubnetSampler(arch, "balanced", schedules=True, seed=0)
+    grids = collections.Counter()
+    for _ in range(3000):
+        roles = sampler.sample()
+        assert len(roles) == 4 and roles[1].subnet.grid == min(arch.grids)
+        assert roles[2].subnet.grid != roles[3].subnet.grid  # drawn without replacement
+        grids.update(r.subnet.grid for r in roles[2:])
+    # Two of the three grids above the smallest at each step: each at about 2/3 of the steps.
+    assert set(grids) == set(arch.grids[1:])
+    assert all(abs(c / 3000 - 2 / 3) < 0.05 for c in grids.values()), grids
+
+
+@pytest.mark.parametrize("recipe", ["seed", "sandwich", "balanced"])
+def test_sampler_is_seeded_and_resumable(recipe):
+    arch = get_arch("tiny")
+    a, b = (SubnetSampler(arch, recipe, seed=3, schedules=True) for _ in range(2))
     assert [a.sample() for _ in range(5)] == [b.sample() for _ in range(5)]
-    state = a.state_dict()
-    nxt = a.sample()
-    c = SubnetSampler(arch, seed=99, schedules=True)
+    state = json.loads(json.dumps(a.state_dict()))  # as a checkpoint stores it
+    nxt = [a.sample() for _ in range(3)]
+    c = SubnetSampler(arch, recipe, seed=99, schedules=True)
     c.load_state_dict(state)
-    assert c.sample() == nxt
+    assert [c.sample() for _ in range(3)] == nxt
     with pytest.raises(ValueError, match="unknown recipe 'best'"):
         SubnetSampler(arch, "best")
 
@@ -63,7 +106,7 @@ def test_step_accumulates_every_role_into_one_update():
     torch.manual_seed(0)
     arch = get_arch("tiny")
     model = SuperViT(arch, num_classes=10)
-    roles = SubnetSampler(arch, seed=0).sample()
+    roles = SubnetSampler(arch, "seed", seed=0).sample()  # one accumulated update per step
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
     calls = []
@@ -86,11 +129,29 @@ def test_distilled_role_gets_the_teachers_detached_output():
     x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
     roles = SubnetSampler(arch, seed=0).sample()
     # The same subnet as its own teacher has zero KL: the teacher's output is the student's.
-    from supervit.train import Role
-
     same = [roles[0], Role("copy", roles[0].subnet, teacher="full")]
     losses = supertrain_step(model.eval(), x, y, same, torch.optim.SGD(model.parameters(), lr=0.0))
     assert losses["copy"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_task_weight_mixes_the_task_loss_into_distilled_roles():
+    torch.manual_seed(0)
+    arch = get_arch("tiny")
+    model = SuperViT(arch, num_classes=10).eval()
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    student = SubnetConfig(min(arch.grids), (0.5,) * arch.num_stages)
+    with torch.no_grad():
+        ce = float(torch.nn.functional.cross_entropy(model(x, student), y))
+        kd = float(distill_loss(model(x, student), model(x, arch.largest)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for w in (0.0, 0.3, 1.0):
+        roles = [Role("full", arch.largest), Role("student", student, "full", task_weight=w)]
+        got = supertrain_step(model, x, y, roles, opt)["student"]
+        assert got == pytest.approx((1 - w) * kd + w * ce, rel=1e-5)
+    sampler = SubnetSampler(arch, "balanced", seed=0, task_weight=0.3)
+    assert {r.task_weight for r in sampler.sample()[1:]} == {0.3}
+    with pytest.raises(ValueError, match="smallest_grid_rotation"):
+        SubnetSampler(arch, "balanced", smallest_grid_rotation=("smallest", "half"))
 
 
 @pytest.mark.slow
@@ -113,3 +174,78 @@ def test_supertraining_learns_synthetic_data():
     # Early ViT training plateaus for a varying number of steps, so the bar is set below what every torch
     # build we ran reached (0.54x here, 0.83x on another), above what no learning gives.
     assert epoch_loss[-1] < 0.9 * epoch_loss[0], epoch_loss
+
+
+def test_per_role_updates_take_one_optimizer_step_per_role():
+    torch.manual_seed(0)
+    arch = get_arch("tiny")
+    model = SuperViT(arch, num_classes=10)
+    sampler = SubnetSampler(arch, "balanced", seed=0, update_every_role=True)
+    roles = sampler.sample()
+    assert all(r.update for r in roles)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    orig_step = opt.step
+    opt.step = lambda *a, **k: (calls.append(1), orig_step(*a, **k))[1]
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    supertrain_step(model, x, y, roles, opt)
+    assert len(calls) == len(roles)
+    assert all(p.grad is None for p in model.parameters())  # zeroed after the last update
+
+
+def _ddp_worker(rank: int, world: int, init: str, update_every_role: bool, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    arch = get_arch("tiny")
+    model = torch.nn.parallel.DistributedDataParallel(SuperViT(arch, num_classes=10), find_unused_parameters=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sampler = SubnetSampler(arch, "balanced", schedules=True, seed=0, update_every_role=update_every_role)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x, y = torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+        supertrain_step(model, x[rank::world], y[rank::world], sampler.sample(), opt, clip_grad=1.0)
+    if rank == 0:
+        torch.save(model.module.state_dict(), out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("update_every_role", [False, True])
+def test_ddp_step_matches_one_process(tmp_path, update_every_role):
+    """Two gloo ranks on half batches end where one process on the whole batch ends: gradients are
+    all-reduced exactly when an update follows (once per step, or once per role)."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/store", update_every_role, out), nprocs=2, join=True)
+    torch.manual_seed(0)
+    arch = get_arch("tiny")
+    model = SuperViT(arch, num_classes=10)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sampler = SubnetSampler(arch, "balanced", schedules=True, seed=0, update_every_role=update_every_role)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x, y = torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+        supertrain_step(model, x, y, sampler.sample(), opt, clip_grad=1.0)
+    ddp = torch.load(out, weights_only=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_per_role_updates_through_a_grad_scaler_match_plain_updates():
+    """The float16 path (GradScaler: unscale, step, update once per update) gives the plain result: the
+    scale is a power of two, so scaling and unscaling are exact."""
+    arch = get_arch("tiny")
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    params = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        torch.manual_seed(0)
+        model = SuperViT(arch, num_classes=10)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sampler = SubnetSampler(arch, "balanced", schedules=True, seed=0)
+        for _ in range(2):
+            supertrain_step(model, x, y, sampler.sample(), opt, scaler=scaler, clip_grad=1.0)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-5)
