@@ -187,8 +187,9 @@ def main() -> None:
     args = p.parse_args()
     for k in args.recipes:
         try:
-            parse_kind(k)
-        except ValueError as e:
+            recipe, kwargs = parse_kind(k)
+            SubnetSampler(get_arch(args.preset), recipe, **kwargs)  # bad values fail here, not in a job
+        except (ValueError, KeyError) as e:
             p.error(str(e))
     if args.default is None:
         from pipeline.supertrain import build_parser
