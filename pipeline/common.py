@@ -20,6 +20,7 @@ __all__ = [
     "check_mlflow",
     "init_ray",
     "parse_with_config",
+    "parse_options",
     "atomic_write_text",
     "write_run_file",
     "read_run_file",
@@ -233,3 +234,12 @@ def find_resume(storage: str, name: str | None, filename: str, what: str) -> tup
     if state.get("status") == "finished":
         raise UsageError(f"nothing to resume: {what} {found_name!r} in {storage} already finished")
     return found_name, state
+
+
+def parse_options(parser: argparse.ArgumentParser, options_type: type, argv: list[str] | None):
+    """`parse_with_config`, then the command's options dataclass built from the parsed fields it has."""
+    import dataclasses
+
+    args = parse_with_config(parser, argv)
+    fields = {f.name for f in dataclasses.fields(options_type)}
+    return options_type(**{k: v for k, v in vars(args).items() if k in fields})

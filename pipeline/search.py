@@ -46,7 +46,7 @@ from .common import (
     dump_json,
     find_resume,
     init_ray,
-    parse_with_config,
+    parse_options,
     read_run_file,
     resolve_tracking_uri,
     run_cli,
@@ -857,9 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> SearchResult:
     """CLI entry: parse, search, print the answer per budget."""
-    args = parse_with_config(build_parser(), argv)
-    fields = {f.name for f in dataclasses.fields(SearchOptions)}
-    opts = SearchOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    opts = parse_options(build_parser(), SearchOptions, argv)
     if not opts.budgets and opts.resume is None:
         raise UsageError("give at least one --budget (e.g. --budget 2.3GFLOPs or --budget 0.5x)")
     res = search(opts)

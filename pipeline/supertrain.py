@@ -32,7 +32,7 @@ from .common import (
     dump_json,
     find_resume,
     init_ray,
-    parse_with_config,
+    parse_options,
     resolve_tracking_uri,
     run_cli,
     ui_command,
@@ -752,9 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> SupertrainResult:
     """CLI entry: parse, run, print the table and where to look."""
-    args = parse_with_config(build_parser(), argv)
-    fields = {f.name for f in dataclasses.fields(SupertrainOptions)}
-    opts = SupertrainOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    opts = parse_options(build_parser(), SupertrainOptions, argv)
     t0 = time.perf_counter()
     res = supertrain(opts)
     print()

@@ -3,10 +3,10 @@
 import mlflow
 import pytest
 from conftest import LATENCY_RESOURCE
-from test_supertrain import check_supertrain_run
+from test_supertrain import _opts, check_supertrain_run
 
 from pipeline.search import SearchOptions, search
-from pipeline.supertrain import SupertrainOptions, supertrain
+from pipeline.supertrain import supertrain
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -17,20 +17,7 @@ def test_supertrain_then_search_across_two_nodes(ray_cluster, ray_session, tmp_p
     cluster, worker = ray_cluster
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
-    res = supertrain(
-        SupertrainOptions(
-            data="synthetic",
-            epochs=2,
-            batch_size=32,
-            warmup_epochs=0.5,
-            workers=2,
-            cpus_per_worker=1,
-            storage=str(tmp_path / "ray"),
-            mlflow_uri=mlflow_uri,
-            run_name="multi",
-            address=ray_session,
-        )
-    )
+    res = supertrain(_opts(tmp_path, mlflow_uri, run_name="multi", address=ray_session))
     check_supertrain_run(res, mlflow_uri, tmp_path, workers=2, epochs=2)
     run = mlflow.MlflowClient(mlflow_uri).get_run(res.run_id)
     assert set(run.data.tags["ray.worker_nodes"].split(",")) == nodes  # one worker on each node
