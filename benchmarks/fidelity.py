@@ -4,8 +4,9 @@
 
 For each seed: one supernet per recipe, and one model of the same architecture per cell (every grid at keep 1
 and at the lowest keep rate) trained at that cell only, with the task loss, the same options (the preset's
-`pipeline.supertrain` defaults: epochs, batch, AdamW, schedule) and the same seed. Training is the worker's loop
-without Ray (`bare_loop.bare_train`); every job runs in its own process with one torch thread, ``--procs`` at
+`pipeline.supertrain` defaults: epochs, batch, AdamW, schedule) and the same seed. Training is the worker's own
+objects and epoch without Ray (`pipeline.worker.make_worker`, `supervit.train_one_epoch`); every job runs in its
+own process with one torch thread, ``--procs`` at
 a time. Compute is counted as training FLOPs (a forward and backward taken as 3x the forward's FLOPs, summed
 over every subnet a step runs) and as CPU-seconds of training.
 
@@ -27,14 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bare_loop import bare_train  # noqa: E402
-
-from pipeline.supertrain import SupertrainOptions, evaluate  # noqa: E402
-from supervit import RECIPES, Role, SubnetConfig, SubnetSampler, get_arch, gflops  # noqa: E402
+from pipeline.supertrain import SupertrainOptions  # noqa: E402
+from pipeline.worker import make_worker  # noqa: E402
+from supervit import RECIPES, Role, SubnetConfig, SubnetSampler, evaluate, get_arch, gflops  # noqa: E402
+from supervit import train_one_epoch as train_epoch  # noqa: E402
 
 SEPARATE = "separate"
 
@@ -95,7 +94,7 @@ def parse_kind(kind: str) -> tuple[str, dict]:
 
 def run_job(kind: str, cell: str | None, seed: int, preset: str, data: str, epochs: int | None) -> dict:
     """Train one model (a supernet under recipe ``kind``, or a separate model at ``cell``) and test it."""
-    opts = SupertrainOptions(preset=preset, data=data, epochs=epochs, seed=seed).resolved()
+    opts = SupertrainOptions(preset=preset, data=data, epochs=epochs, seed=seed, cpus_per_worker=1).resolved()
     arch = get_arch(preset)
     num_classes = 10 if data == "digits" else None
     if kind == SEPARATE:
@@ -105,11 +104,12 @@ def run_job(kind: str, cell: str | None, seed: int, preset: str, data: str, epoc
         inner = SubnetSampler(arch, recipe, schedules=opts.schedules, seed=seed, **kwargs)
     sampler = CountingSampler(inner, arch, num_classes or 1000)
     t0 = time.process_time()
-    model, splits, _ = bare_train(opts, threads=1, sampler=sampler)
+    w = make_worker(opts)
+    for _ in range(opts.epochs):
+        train_epoch(w.model, w.loader, sampler, w.training)
     cpu_s = time.process_time() - t0
     cells = target_cells(arch) if kind != SEPARATE else [SubnetConfig.parse(cell)]
-    test = torch.utils.data.DataLoader(splits.test, batch_size=256)
-    counts = evaluate(model, test, cells, torch.device("cpu"))
+    counts = evaluate(w.model, w.test_loader, cells)
     return {
         "kind": kind,
         "cell": cell,
@@ -117,7 +117,7 @@ def run_job(kind: str, cell: str | None, seed: int, preset: str, data: str, epoc
         "epochs": opts.epochs,
         "test_top1": {s.name: 100.0 * c / n for s, (c, n) in counts.items()},
         "train_tflops": 3 * sampler.fwd_gflops * opts.batch_size / 1e3,
-        "passes_per_step": sampler.passes / max(1, opts.epochs * (len(splits.train) // opts.batch_size)),
+        "passes_per_step": sampler.passes / max(1, opts.epochs * len(w.loader)),
         "cpu_s": cpu_s,
     }
 
@@ -192,9 +192,7 @@ def main() -> None:
         except (ValueError, KeyError) as e:
             p.error(str(e))
     if args.default is None:
-        from pipeline.supertrain import build_parser
-
-        args.default = build_parser().get_default("recipe")
+        args.default = SupertrainOptions.recipe
     arch = get_arch(args.preset)
 
     done = []

@@ -17,25 +17,32 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from pipeline.common import resolve_tracking_uri
-from pipeline.search import BudgetedOptunaSearch, _stack, make_sampler, resolve_checkpoint, top1
+from pipeline.runs import resolve_tracking_uri
+from pipeline.search import _stack, resolve_checkpoint
+from pipeline.searcher import BudgetedOptunaSearch, make_sampler
 from pipeline.space import default_space_path, load_space
+from pipeline.trial import top1
 from supervit import gflops, load_checkpoint, parse_budget
 from supervit.checkpoint import read_checkpoint_metadata
 from supervit.data import load_data
 
 
-def trials_to_target(table: dict, space, arch, num_classes, budget, sampler: str, seed: int, warm: bool,
-                     target: float, max_trials: int) -> int:
+def trials_to_target(
+    table: dict, space, arch, num_classes, budget, sampler: str, seed: int, warm: bool, target: float, max_trials: int
+) -> int:
     """Trials the searcher needs until one reaches ``target`` top-1 (max_trials + 1 if never)."""
-    feasible = [name for name in table]
-    warm_points = [space.params(s) for s in space.uniform_subnets() if s.name in table] if warm else None
+    warm_points = [s for s in space.uniform_subnets() if s.validate(arch).name in table] if warm else ()
     searcher = BudgetedOptunaSearch(
-        search_space=space, arch=arch, num_classes=num_classes, budget=budget, latency_budget=None,
-        metric="top1", mode="max", sampler=make_sampler(sampler, space, seed, max_trials),
-        points_to_evaluate=warm_points,
+        space,
+        arch,
+        num_classes,
+        budget,
+        metric="top1",
+        mode="max",
+        sampler=make_sampler(sampler, space, seed, max_trials),
+        warm_start=warm_points,
     )
-    for i in range(1, min(max_trials, len(feasible)) + 1):
+    for i in range(1, min(max_trials, len(table)) + 1):
         config = searcher.suggest(str(i))
         subnet = space.subnet(config).validate(arch)
         acc = table[subnet.name]
@@ -67,17 +74,23 @@ def main() -> None:
     best = max(table, key=table.get)
     target = table[best] - args.tolerance
     n = len(table)
-    print(f"# {arch.name}, data {data_spec}, budget {args.budget} = {budget * 1e3:.3f} MFLOPs: "
-          f"{n} of {len(space.subnets())} subnets feasible; exhaustive optimum {best} at {table[best]:.2f}% "
-          f"(target >= {target:.2f}%; {sum(v >= target for v in table.values())} subnets reach it)")
+    print(
+        f"# {arch.name}, data {data_spec}, budget {args.budget} = {budget * 1e3:.3f} MFLOPs: "
+        f"{n} of {len(space.subnets())} subnets feasible; exhaustive optimum {best} at {table[best]:.2f}% "
+        f"(target >= {target:.2f}%; {sum(v >= target for v in table.values())} subnets reach it)"
+    )
     print("| sampler | warm start | trials per seed | median | median / feasible |")
     print("|---|---|---|---|---|")
     for sampler, warm in (("tpe", True), ("tpe", False), ("random", False)):
-        counts = [trials_to_target(table, space, arch, num_classes, budget, sampler, seed, warm, target, n)
-                  for seed in range(args.seeds)]
+        counts = [
+            trials_to_target(table, space, arch, num_classes, budget, sampler, seed, warm, target, n)
+            for seed in range(args.seeds)
+        ]
         med = statistics.median(counts)
-        print(f"| {sampler} | {'uniform cells' if warm else 'no'} | {', '.join(map(str, counts))} | {med:g} | "
-              f"{100 * med / n:.0f}% |")
+        print(
+            f"| {sampler} | {'uniform cells' if warm else 'no'} | {', '.join(map(str, counts))} | {med:g} | "
+            f"{100 * med / n:.0f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 
 Both paths train the same model on the same data with the default run's options
 (`SupertrainOptions().resolved()`) and the same torch thread count:
-  bare: this process, the per-epoch body of `train_loop_per_worker` (same DataLoader, AdamW param groups,
-        LR schedule, `SubnetSampler` + `supertrain_step`), timed the same way (training steps only).
+  bare: this process, without Ray: the worker's own objects (`pipeline.worker.make_worker`) and epoch
+        (`supervit.train_one_epoch`, then `evaluate_worker` as the worker evaluates), timed the same way.
   ray:  `supertrain(workers=1)` on a local Ray started with ``--cpus`` CPUs (the worker then gets all of
         them and calls ``torch.set_num_threads(cpus)``); images/s and epoch times read back from MLflow.
 The bare loop runs before and after the Ray run (other load on the machine shows as a gap between the two);
@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 
 import ray
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bare_loop import bare_train  # noqa: E402
-
-from pipeline.common import init_ray  # noqa: E402
-from pipeline.supertrain import SupertrainOptions, evaluate, supertrain  # noqa: E402
+from pipeline.runs import init_ray  # noqa: E402
+from pipeline.supertrain import SupertrainOptions, supertrain  # noqa: E402
+from pipeline.worker import evaluate_worker, make_worker  # noqa: E402
+from supervit import train_one_epoch  # noqa: E402
 
 
 def proc_cpu() -> dict[int, tuple[int, float]]:
@@ -60,15 +59,13 @@ def others_cpu(before: dict, after: dict) -> float:
 
 def bare_loop(opts: SupertrainOptions, threads: int) -> list[tuple[float, float]]:
     """(epoch seconds, images/s) per epoch of the worker's training loop, run here without Ray."""
-    val = {}
-
-    def epoch_end(model, splits):  # evaluate as the worker does
-        if "loader" not in val:
-            val["loader"] = torch.utils.data.DataLoader(splits.search, batch_size=256)
-        arch = model.arch
-        evaluate(model, val["loader"], [arch.largest, arch.smallest], torch.device("cpu"))
-
-    return bare_train(opts, threads, epoch_end=epoch_end)[2]
+    w = make_worker(dataclasses.replace(opts, cpus_per_worker=threads))
+    rows = []
+    for _ in range(opts.epochs):
+        stats = train_one_epoch(w.model, w.loader, w.sampler, w.training)
+        rows.append((stats.seconds, stats.images / stats.seconds))
+        evaluate_worker(w, opts, last=False)  # as the worker does, outside the timing
+    return rows
 
 
 def ray_run(opts: SupertrainOptions, tmp: str) -> list[tuple[float, float]]:
@@ -76,7 +73,7 @@ def ray_run(opts: SupertrainOptions, tmp: str) -> list[tuple[float, float]]:
     import mlflow
 
     uri = f"sqlite:///{tmp}/mlflow.db"
-    opts = dataclasses.replace(opts, storage=f"{tmp}/ray", mlflow_uri=uri, run_name="overhead", workers=1)
+    opts = dataclasses.replace(opts, storage=f"{tmp}/ray", mlflow_uri=uri, name="overhead", workers=1)
     res = supertrain(opts)
     client = mlflow.MlflowClient(uri)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from supervit import ArchConfig
 
-from .common import UsageError
+from .cli import UsageError
 
 KEY = ("fingerprint", "arch", "subnet", "batch_size", "dtype")
 

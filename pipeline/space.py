@@ -12,7 +12,7 @@ from pathlib import Path
 
 from supervit import ArchConfig, SubnetConfig
 
-from .common import UsageError
+from .cli import UsageError
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 
@@ -24,11 +24,6 @@ class SearchSpace:
     preset: str
     grids: tuple[int, ...]
     keep_rates: tuple[tuple[float, ...], ...]
-
-    @property
-    def param_names(self) -> list[str]:
-        """Parameter names as Optuna and Tune see them."""
-        return ["grid"] + [f"keep{i}" for i in range(len(self.keep_rates))]
 
     def choices(self) -> dict[str, list]:
         """Each parameter's choices (the grid sampler's table)."""
@@ -104,5 +99,7 @@ def load_space(path: str | Path) -> SearchSpace:
 
 
 def default_space_path(preset: str) -> Path:
-    """``search_spaces/<preset>.yaml``."""
-    return SPACES_DIR / f"{preset}.yaml"
+    """The preset's search space file, ``search_spaces/<Preset.space>`` (``<preset>.yaml`` for an unknown name)."""
+    from supervit import PRESETS
+
+    return SPACES_DIR / (PRESETS[preset].space if preset in PRESETS else f"{preset}.yaml")

@@ -267,7 +267,7 @@ def _infer_arch(state: dict[str, torch.Tensor], path: Path) -> ArchConfig:
     except KeyError as e:
         raise CheckpointError(f"{path}: not a ViT checkpoint (no {e.args[0]})") from None
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    for arch in PRESETS.values():
+    for arch in (p.arch for p in PRESETS.values()):
         if (arch.embed_dim, arch.depth, arch.patch_size, arch.in_chans) == (dim, depth, proj.shape[-1], proj.shape[1]):
             return arch
     raise CheckpointError(

@@ -2,7 +2,8 @@
 
 `ArchConfig` describes one SuperViT (the weights); `SubnetConfig` names one sub-network of it: a token grid and
 a keep-rate schedule, one rate per pruning stage. Both are frozen and hashable, so a subnet is at once the
-latency-cache key, the search's parameter set and the MLflow parameters.
+latency-cache key, the search's parameter set and the MLflow parameters. A `Preset` is everything a name like
+``deit_s`` stands for, in one place: the architecture, its training defaults and its search space file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["ArchConfig", "SubnetConfig", "get_arch", "PRESETS", "keep_count"]
+__all__ = ["ArchConfig", "SubnetConfig", "TrainConfig", "Preset", "get_arch", "get_preset", "PRESETS", "keep_count"]
 
 
 @dataclass(frozen=True)
@@ -99,37 +100,112 @@ class ArchConfig:
             raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
         return cls(**d)
 
-    def same_shape(self, other: ArchConfig) -> bool:
-        """Whether two configs describe the same network (the preset name aside)."""
-        return self == other
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training defaults of a preset; the supertraining command's flags override each of them.
+
+    Every field is required, so a preset cannot leave one to a silent fallback.
+
+    Args:
+        epochs: Training epochs.
+        batch_size: Images per worker per step.
+        lr: Peak learning rate, reached after the warm-up.
+        warmup_epochs: Linear warm-up before the cosine decay.
+        weight_decay: AdamW weight decay (not applied to norms, biases and embeddings).
+        label_smoothing: Label smoothing of the task loss.
+        drop_path: Stochastic depth rate of the last block.
+        clip_grad: Max global gradient norm, or None.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_epochs: float
+    weight_decay: float
+    label_smoothing: float
+    drop_path: float
+    clip_grad: float | None
 
 
-PRESETS: dict[str, ArchConfig] = {
-    # The paper's SuperViT(DeiT-S).
-    "deit_s": ArchConfig(name="deit_s"),
-    "deit_ti": ArchConfig(embed_dim=192, num_heads=3, name="deit_ti"),
-    # The embedded default: digits (8x8 greyscale) upsampled to 16x16, patch 2 -> grids of 4, 6, 8 tokens a side.
-    "tiny": ArchConfig(
-        patch_size=2,
-        embed_dim=64,
-        depth=6,
-        num_heads=2,
-        mlp_ratio=2.0,
-        grids=(4, 6, 8),
-        prune_blocks=(1, 3, 5),
-        keep_rates=(0.5, 0.7, 1.0),
-        in_chans=1,
-        name="tiny",
-    ),
+@dataclass(frozen=True)
+class Preset:
+    """A named SuperViT: its architecture, training defaults and search space (``search_spaces/<space>``)."""
+
+    arch: ArchConfig
+    train: TrainConfig
+    space: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, ArchConfig) or not isinstance(self.train, TrainConfig):
+            raise TypeError(f"preset {self.arch!r}: needs an ArchConfig and a TrainConfig")
+
+    @property
+    def name(self) -> str:
+        """The preset's name (its architecture's)."""
+        return self.arch.name
+
+
+# DeiT's ImageNet recipe, which the seed trained both DeiT presets with.
+_DEIT_TRAIN = TrainConfig(
+    epochs=300,
+    batch_size=256,
+    lr=5e-4,
+    warmup_epochs=5,
+    weight_decay=0.05,
+    label_smoothing=0.1,
+    drop_path=0.1,
+    clip_grad=None,
+)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        # The paper's SuperViT(DeiT-S).
+        Preset(ArchConfig(name="deit_s"), _DEIT_TRAIN, "deit_s.yaml"),
+        Preset(ArchConfig(embed_dim=192, num_heads=3, name="deit_ti"), _DEIT_TRAIN, "deit_ti.yaml"),
+        # The embedded default: digits (8x8 greyscale) upsampled to 16x16, patch 2 -> grids of 4, 6, 8 tokens a
+        # side; light training defaults so the whole loop runs in minutes on 2 CPU cores.
+        Preset(
+            ArchConfig(
+                patch_size=2,
+                embed_dim=64,
+                depth=6,
+                num_heads=2,
+                mlp_ratio=2.0,
+                grids=(4, 6, 8),
+                prune_blocks=(1, 3, 5),
+                keep_rates=(0.5, 0.7, 1.0),
+                in_chans=1,
+                name="tiny",
+            ),
+            TrainConfig(
+                epochs=20,
+                batch_size=32,
+                lr=1e-3,
+                warmup_epochs=2,
+                weight_decay=0.05,
+                label_smoothing=0.0,
+                drop_path=0.0,
+                clip_grad=1.0,
+            ),
+            "tiny.yaml",
+        ),
+    )
 }
 
 
-def get_arch(name: str) -> ArchConfig:
+def get_preset(name: str) -> Preset:
     """Return the preset called ``name`` (``deit_s``, ``deit_ti``, ``tiny``)."""
     try:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}") from None
+
+
+def get_arch(name: str) -> ArchConfig:
+    """The architecture of preset ``name``."""
+    return get_preset(name).arch
 
 
 def keep_count(num_tokens: int, rate: float) -> int:

@@ -8,10 +8,11 @@ softmax, GELU, additions and the input resize, each well under 1% of the total.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from .config import ArchConfig, SubnetConfig, keep_count
 
-__all__ = ["gflops", "macs", "token_counts", "parse_budget"]
+__all__ = ["Budget", "gflops", "macs", "token_counts", "parse_budget"]
 
 
 def token_counts(arch: ArchConfig, subnet: SubnetConfig) -> list[tuple[int, int]]:
@@ -53,23 +54,38 @@ _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(gflops|mflop
 _ACCEPTED = "accepted forms: 2.3GFLOPs, '2.3 GFLOPs', 450MFLOPs, 0.5x (a fraction of the full model)"
 
 
-def parse_budget(text: str, arch: ArchConfig, num_classes: int = 1000) -> float:
-    """Parse a compute budget into GFLOPs.
+@dataclass(frozen=True)
+class Budget:
+    """A compute budget as written (``2.3GFLOPs``, ``450MFLOPs``, ``0.5x``), parsed once.
 
-    Accepts ``2.3GFLOPs``, ``2.3 GFLOPs``, ``450MFLOPs`` and ``0.5x`` (that fraction of the full model's
-    FLOPs), case-insensitive.
-
-    Raises:
-        ValueError: anything else, a budget that is not positive, or a fraction above 1e3.
+    ``value`` is in GFLOPs, or a fraction of the full model when ``relative``; `gflops` resolves it for an
+    architecture.
     """
-    m = _BUDGET_RE.match(str(text))
-    if not m:
-        raise ValueError(f"cannot parse budget {text!r}; {_ACCEPTED}")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    if value <= 0:
-        raise ValueError(f"budget {text!r} must be positive; {_ACCEPTED}")
-    if unit == "gflops":
-        return value
-    if unit == "mflops":
-        return value / 1e3
-    return value * gflops(arch, None, num_classes)
+
+    text: str
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """Parse ``2.3GFLOPs``, ``2.3 GFLOPs``, ``450MFLOPs`` or ``0.5x``, case-insensitive.
+
+        Raises:
+            ValueError: anything else, or a budget that is not positive.
+        """
+        m = _BUDGET_RE.match(str(text))
+        if not m:
+            raise ValueError(f"cannot parse budget {text!r}; {_ACCEPTED}")
+        value, unit = float(m.group(1)), m.group(2).lower()
+        if value <= 0:
+            raise ValueError(f"budget {text!r} must be positive; {_ACCEPTED}")
+        return cls(str(text).strip(), value / 1e3 if unit == "mflops" else value, unit == "x")
+
+    def gflops(self, arch: ArchConfig, num_classes: int = 1000) -> float:
+        """The budget in GFLOPs for ``arch`` (a fraction is of its full model)."""
+        return self.value * gflops(arch, None, num_classes) if self.relative else self.value
+
+
+def parse_budget(text: str, arch: ArchConfig, num_classes: int = 1000) -> float:
+    """`Budget.parse` then `Budget.gflops`: the budget ``text`` in GFLOPs for ``arch``."""
+    return Budget.parse(text).gflops(arch, num_classes)

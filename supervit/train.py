@@ -1,4 +1,4 @@
-"""Supertraining: which subnets a step trains (the sampler) and the step itself.
+"""Supertraining: which subnets a step trains (the sampler), the step itself, and the loop around it.
 
 A step runs a few subnets (four in every recipe) on one batch. Each subnet has a *role*: trained by the
 task loss, or distilled (KL divergence) from the detached output of an earlier role of the same step. The
@@ -21,17 +21,31 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ArchConfig, SubnetConfig
+from .config import ArchConfig, SubnetConfig, TrainConfig
 
-__all__ = ["Role", "SubnetSampler", "RECIPES", "supertrain_step", "distill_loss"]
+__all__ = [
+    "Role",
+    "SubnetSampler",
+    "RECIPES",
+    "supertrain_step",
+    "distill_loss",
+    "Training",
+    "EpochStats",
+    "make_training",
+    "warmup_cosine",
+    "train_one_epoch",
+    "evaluate",
+]
 
 RECIPES = ("seed", "sandwich", "balanced")
 
@@ -193,15 +207,17 @@ def supertrain_step(
     scaler: torch.amp.GradScaler | None = None,
     clip_grad: float | None = None,
 ) -> dict[str, float]:
-    """One supertraining step: every role's forward and backward, then one optimizer step.
+    """One supertraining step: every role's forward and backward, and an optimizer step after each role that
+    asks for one (`Role.update`) and after the last.
 
     Args:
-        model: A `SuperViT`, possibly wrapped in DDP (gradients are then synchronised once, on the last
-            backward, through ``no_sync``).
+        model: A `SuperViT`, possibly wrapped in DDP (gradients are then all-reduced only with the backward an
+            optimizer step follows, through ``no_sync``).
         images: Input batch (B, C, H, W) at the architecture's input size.
         targets: Class indices (B,).
         roles: From `SubnetSampler.sample`.
-        optimizer: Stepped once; gradients are zeroed first.
+        optimizer: Stepped after each updating role (once per step when only the last role updates);
+            gradients are zeroed first and after each step.
         criterion: Task loss (default cross-entropy).
         autocast_dtype: Mixed-precision dtype (e.g. ``torch.bfloat16`` on GPU); None for full precision.
         scaler: Gradient scaler for float16.
@@ -251,3 +267,149 @@ def _update(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, clip_gra
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices, none on norms, biases and the model's `no_weight_decay`."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class Training:
+    """What a supertraining loop steps: optimizer, per-step schedule, task loss and precision."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    autocast_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    clip_grad: float | None = None
+
+    def state_dict(self) -> dict:
+        """Optimizer, schedule and scaler state, for exact resumption."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def make_training(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> Training:
+    """AdamW with `param_groups`, a per-step `warmup_cosine` schedule over ``cfg.epochs``, the task loss, and
+    mixed precision on CUDA (bf16 where supported, else fp16 with a gradient scaler)."""
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    schedule = warmup_cosine(int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+    autocast_dtype, scaler = None, None
+    if torch.device(device).type == "cuda":
+        autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if autocast_dtype == torch.float16:
+            scaler = torch.amp.GradScaler("cuda")
+    return Training(
+        optimizer,
+        torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        autocast_dtype,
+        scaler,
+        cfg.clip_grad,
+    )
+
+
+@dataclass
+class EpochStats:
+    """One epoch's mean loss per role, images trained on, steps and training seconds."""
+
+    losses: dict[str, float]
+    images: int
+    steps: int
+    seconds: float
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    sampler: SubnetSampler,
+    training: Training,
+    on_step: Callable[[int], None] | None = None,
+) -> EpochStats:
+    """Run `supertrain_step` on every batch, stepping the schedule after each.
+
+    Args:
+        model: The (possibly DDP-wrapped) `SuperViT`, put in training mode here.
+        batches: ``(images, targets)`` pairs; moved to the model's device when not already there.
+        sampler: Draws each step's roles.
+        training: From `make_training`.
+        on_step: Called with the step index before each step (progress, test hooks).
+    """
+    model.train()
+    device = next(model.parameters()).device
+    sums: dict[str, float] = {}
+    images = steps = 0
+    t0 = time.perf_counter()
+    for step, (x, y) in enumerate(batches):
+        if on_step is not None:
+            on_step(step)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        losses = supertrain_step(
+            model,
+            x,
+            y,
+            sampler.sample(),
+            training.optimizer,
+            training.criterion,
+            training.autocast_dtype,
+            training.scaler,
+            training.clip_grad,
+        )
+        training.scheduler.step()
+        images += len(y)
+        steps += 1
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v
+    seconds = time.perf_counter() - t0
+    return EpochStats({k: v / max(1, steps) for k, v in sums.items()}, images, steps, seconds)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    subnets: Sequence[SubnetConfig],
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[SubnetConfig, tuple[int, int]]:
+    """(correct, seen) per subnet over ``batches``; a distributed caller sums them over workers."""
+    model.eval()
+    device = next(model.parameters()).device
+    counts = {s: [0, 0] for s in subnets}
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            for s in subnets:
+                counts[s][0] += int((model(x, s).argmax(1) == y).sum())
+                counts[s][1] += len(y)
+    return {s: (c[0], c[1]) for s, c in counts.items()}

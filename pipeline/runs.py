@@ -1,53 +1,50 @@
-"""What both commands share: bad-input handling, MLflow and Ray connection, YAML config files."""
+"""A command's run: where it is tracked (MLflow) and stored (Ray storage), how it resumes, what it is called.
+
+Both commands go through the same steps: `resume_or_name` (the run's stable name, or the state of the run to
+continue), validation of their own, `open_mlflow_run` (create, or reopen on resume), `save_state` (the JSON
+record beside Ray's storage that `--resume` reads), and `finish_mlflow_run`.
+"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
-import sys
+import re
 import tempfile
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .cli import UsageError
+
 __all__ = [
-    "UsageError",
-    "run_cli",
+    "STAGE_TAG",
+    "RunState",
     "resolve_tracking_uri",
     "check_mlflow",
+    "ui_command",
     "init_ray",
-    "parse_with_config",
-    "parse_options",
+    "default_storage",
     "atomic_write_text",
     "write_run_file",
     "read_run_file",
     "find_resume",
-    "Parser",
-    "ui_command",
+    "resume_or_name",
+    "open_mlflow_run",
+    "save_state",
+    "finish_mlflow_run",
+    "maybe_fail",
 ]
 
+STAGE_TAG = "supervit.stage"  # supertrain, search, search-trial: how the search finds its supertraining
+STATE_FILE = "supervit_state.json"
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit status 2."""
 
-
-def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Run a command's ``main``, turning bad input into one line on stderr and exit status 2."""
-    from supervit.checkpoint import CheckpointError
-    from supervit.data import DataError
-
-    try:
-        main(argv)
-    except (UsageError, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+# ------------------------------------------------------------------------------------------ MLflow and Ray
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -86,8 +83,12 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; reuse one already connected."""
+def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; reuse one already connected.
+
+    Unless ``verbose``, the Ray processes' own log lines stay in Ray's log files: what the commands print comes
+    from the driver.
+    """
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -95,11 +96,14 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         _check_reachable(address)
     if ray.is_initialized():
         return
+    kwargs: dict[str, Any] = {"log_to_driver": verbose}
+    if not verbose:
+        kwargs["logging_config"] = ray.LoggingConfig(log_level="ERROR")
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, log_to_driver=True)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot connect to Ray at {address or 'a new local instance'}: {msg}") from None
@@ -119,35 +123,12 @@ def _check_reachable(address: str, timeout: float = 3.0) -> None:
         raise UsageError(f"cannot connect to Ray at {address}: {e.strerror or e}") from None
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors as `UsageError`: one line and exit status 2, like every other bad input."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see {self.prog} --help)")
+# ------------------------------------------------------------------------------------------- run files
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse ``argv``; ``--config FILE.yaml`` supplies defaults for the same options, flags override it."""
-    import yaml
-
-    pre, _ = parser.parse_known_args(argv)
-    path = getattr(pre, "config", None)
-    if path:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise UsageError(f"config file {path} does not exist") from None
-        except (yaml.YAMLError, OSError) as e:
-            raise UsageError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"config file {path} must hold a mapping of option: value")
-        known = {a.dest for a in parser._actions}
-        data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(data) - known - {"config"})
-        if unknown:
-            raise UsageError(f"config file {path}: unknown options {', '.join(unknown)}")
-        parser.set_defaults(**data)
-    return parser.parse_args(argv)
+def default_storage() -> str:
+    """``./ray_results``, absolute (Ray workers do not share the driver's working directory)."""
+    return str(Path("ray_results").resolve())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -236,10 +217,108 @@ def find_resume(storage: str, name: str | None, filename: str, what: str) -> tup
     return found_name, state
 
 
-def parse_options(parser: argparse.ArgumentParser, options_type: type, argv: list[str] | None):
-    """`parse_with_config`, then the command's options dataclass built from the parsed fields it has."""
-    import dataclasses
+# ------------------------------------------------------------------------------------------- run lifecycle
 
-    args = parse_with_config(parser, argv)
-    fields = {f.name for f in dataclasses.fields(options_type)}
-    return options_type(**{k: v for k, v in vars(args).items() if k in fields})
+
+@dataclass
+class RunState:
+    """What ``--resume`` needs to continue a run into the same MLflow run: written beside Ray's storage."""
+
+    mlflow_run_id: str
+    tracking_uri: str
+    status: str  # running | finished
+    options: dict
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunState:
+        """Inverse of `dataclasses.asdict`."""
+        return cls(d["mlflow_run_id"], d["tracking_uri"], d["status"], d["options"])
+
+
+def _slug(text: str) -> str:
+    """A dataset spec or budget list as a short name part: ``/data/imagenet`` -> ``imagenet``."""
+    text = text.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-")[:40] or "data"
+
+
+def stable_name(storage: str, *parts: str) -> str:
+    """``<parts>-<n>`` with the lowest ``n`` not yet used in ``storage``: meaningful, reproducible (no clock),
+    and never an existing run's name."""
+    prefix = "-".join(_slug(p) for p in parts)
+    fs = _bucket(storage)
+    if fs is None:
+        root = Path(storage)
+        taken = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    else:
+        import pyarrow.fs as pafs
+
+        fs, root = fs
+        try:
+            taken = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
+        except OSError:
+            taken = set()
+    n = 1
+    while f"{prefix}-{n}" in taken:
+        n += 1
+    return f"{prefix}-{n}"
+
+
+def resume_or_name(
+    opts: Any, storage: str, what: str, name_parts: tuple[str, ...], keep: tuple[str, ...]
+) -> tuple[Any, str, RunState | None]:
+    """The options, name and saved state of this run.
+
+    With ``opts.resume`` set, the run to continue (its saved options, with the fields in ``keep`` taken from
+    ``opts`` where given); else ``opts`` under the given name or a new `stable_name`.
+    """
+    if opts.resume is None:
+        return opts, opts.name or stable_name(storage, *name_parts), None
+    name, saved = find_resume(storage, opts.resume or None, STATE_FILE, what)
+    state = RunState.from_dict(saved)
+    overrides = {k: getattr(opts, k) for k in keep if getattr(opts, k) is not None}
+    return type(opts)(**{**state.options, **overrides, "resume": opts.resume}), name, state
+
+
+def open_mlflow_run(
+    tracking_uri: str,
+    experiment: str,
+    name: str,
+    state: RunState | None,
+    tags: dict[str, str],
+    params: dict[str, Any],
+) -> str:
+    """The MLflow run id: ``state``'s run reopened, or a new run named ``name`` with ``tags`` and ``params``."""
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient(tracking_uri)
+    if state is not None:
+        client.update_run(state.mlflow_run_id, status="RUNNING")
+        return state.mlflow_run_id
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    # MLflow caps a param value at 6000 characters.
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return run_id
+
+
+def save_state(storage: str, name: str, state: RunState) -> None:
+    """Write the run's `RunState` beside Ray's storage (atomically)."""
+    write_run_file(storage, name, STATE_FILE, dump_json(dataclasses.asdict(state)))
+
+
+def finish_mlflow_run(tracking_uri: str, run_id: str, description: str) -> None:
+    """Mark the run finished, with ``description`` (Markdown) as the run's note in the MLflow UI."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    client.set_tag(run_id, "mlflow.note.content", description)
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def maybe_fail(marker: str) -> None:
+    """Failure drill: kill this process, once (the marker file remembers that it happened)."""
+    if not os.path.exists(marker):
+        Path(marker).write_text(f"killed at {time.strftime('%H:%M:%S')}\n")
+        os.kill(os.getpid(), 9)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.common import UsageError
+from pipeline.cli import UsageError
 from pipeline.space import SPACES_DIR, load_space
 from supervit import get_arch, gflops
 

@@ -5,9 +5,10 @@ import math
 import pytest
 import timm
 import torch
+from helpers import SMALL
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
-from supervit import ArchConfig, SubnetConfig, SuperViT, get_arch, gflops, keep_count
+from supervit import SubnetConfig, SuperViT, get_arch, gflops, keep_count
 from supervit.checkpoint import convert_state_dict
 from supervit.flops import token_counts
 
@@ -18,19 +19,6 @@ if _CPU_SDPA not in flop_registry:
     @register_flop_formula(_CPU_SDPA)
     def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-SMALL = ArchConfig(
-    patch_size=4,
-    embed_dim=48,
-    depth=6,
-    num_heads=4,
-    mlp_ratio=2.0,
-    grids=(4, 6, 8),
-    prune_blocks=(1, 3, 5),
-    in_chans=3,
-    name="small",
-)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from pipeline.common import UsageError, find_resume, read_run_file, write_run_file
+from pipeline.cli import UsageError
+from pipeline.runs import find_resume, read_run_file, write_run_file
 
 
 @pytest.fixture(params=["local", "uri"])

@@ -9,7 +9,7 @@ import yaml
 from jsonschema.exceptions import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CONFIG = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "ray_cluster.yaml"
 
 
 def _load() -> dict:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_model import SMALL
+from helpers import SMALL
 
 from supervit import (
     RECIPES,

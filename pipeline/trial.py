@@ -1,0 +1,172 @@
+"""One search trial: a subnet's top-1 on the held-out split and its latency on the target hardware.
+
+`TrialContext` is what every trial shares (shipped once through Ray's object store); `TrialResult` is what a
+trial reports. Both are typed dataclasses, so nothing crossing a process boundary is read by string keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from supervit import ArchConfig, SubnetConfig, SuperViT, gflops, hardware_fingerprint, measure_latency
+
+from .latency_table import KEY
+from .runs import maybe_fail
+from .space import SearchSpace
+
+__all__ = ["LatencySettings", "TrialContext", "TrialResult", "top1", "latency_row", "run_trial"]
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How latency is measured: device, dtype, batch, timed runs, CPU threads, and the Ray resource that marks
+    the hardware it must run on (None: wherever the trial runs)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch: int = 1
+    runs: int = 30
+    threads: int | None = None
+    resource: str | None = None
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a search shares: the supernet, the held-out split, the latency table and settings."""
+
+    arch: ArchConfig
+    num_classes: int
+    arch_key: str  # the architecture's key in the latency table
+    space: SearchSpace
+    state: dict[str, torch.Tensor]  # the supernet's weights
+    images: torch.Tensor  # the search split
+    labels: torch.Tensor
+    table: Any  # a Ray actor serving the `LatencyTable`
+    latency: LatencySettings
+    inject_failure: str | None = None  # failure drill: a marker file; the first trial kills its process once
+
+    def model(self) -> SuperViT:
+        """The supernet, in eval mode."""
+        model = SuperViT(self.arch, num_classes=self.num_classes)
+        model.load_state_dict(self.state)
+        return model.eval()
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What one trial reports to Tune (as a flat dict of its fields)."""
+
+    subnet: str
+    gflops: float
+    top1: float
+    latency_ms: float
+    latency_p10_ms: float
+    latency_p90_ms: float
+    latency_cached: bool
+    uniform: bool
+    trial_node: str
+    latency_node: str
+    latency_hardware: str
+
+    @classmethod
+    def from_metrics(cls, metrics: dict) -> TrialResult:
+        """The result inside a Tune result dict (which adds its own keys)."""
+        return cls(**{f.name: metrics[f.name] for f in dataclasses.fields(cls)})
+
+    @property
+    def subnet_config(self) -> SubnetConfig:
+        """The subnet, parsed from its name."""
+        return SubnetConfig.parse(self.subnet)
+
+
+@torch.inference_mode()
+def top1(model: SuperViT, subnet: SubnetConfig, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 (%) of ``subnet`` on a held-in-memory split."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i : i + batch_size], subnet).argmax(1) == y[i : i + batch_size]).sum())
+    return 100.0 * correct / max(1, len(x))
+
+
+def latency_row(ctx: TrialContext, subnet: SubnetConfig, threads: int) -> tuple[dict, bool]:
+    """The latency of ``subnet`` on this node's hardware: from the shared table, or measured once and added.
+
+    Returns:
+        ``(row, cached)``: the table row, and whether it was there already.
+    """
+    import ray
+
+    lat = ctx.latency
+    fingerprint, hardware = hardware_fingerprint(lat.device, threads if lat.device == "cpu" else None)
+    key = (fingerprint, ctx.arch_key, subnet.name, lat.batch, lat.dtype)
+    row = ray.get(ctx.table.get.remote(key))
+    if row is not None:
+        return row, True
+    r = measure_latency(
+        ctx.model(),
+        subnet,
+        lat.batch,
+        lat.device,
+        getattr(torch, lat.dtype),
+        runs=lat.runs,
+        warmup=max(3, lat.runs // 5),
+        threads=threads if lat.device == "cpu" else None,
+    )
+    row = dict(zip(KEY, key, strict=True)) | {
+        "hardware": hardware,
+        "median_ms": r.median_ms,
+        "p10_ms": r.p10_ms,
+        "p90_ms": r.p90_ms,
+        "iqr_ms": r.iqr_ms,
+        "runs": r.runs,
+        "threads": r.threads,
+        "device": r.device,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    ray.get(ctx.table.put.remote(row))
+    return row, False
+
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    """One Tune trial: top-1 on the search split, then latency (from the table, or measured once).
+
+    With a latency resource, the measurement runs as a task on a node that has the resource, holding all of
+    it (one measurement per device at a time); the accuracy is computed wherever the trial runs.
+    """
+    import ray
+    from ray import tune
+
+    subnet = ctx.space.subnet(config).validate(ctx.arch)
+    if ctx.inject_failure:
+        maybe_fail(ctx.inject_failure)
+    acc = top1(ctx.model(), subnet, ctx.images, ctx.labels)
+    threads = ctx.latency.threads or torch.get_num_threads()
+    if ctx.latency.resource:
+        # Outside the trial's placement group: the measurement goes wherever the resource is.
+        task = ray.remote(latency_row).options(
+            num_cpus=0, num_gpus=0, resources={ctx.latency.resource: 1}, scheduling_strategy="DEFAULT"
+        )
+        row, cached = ray.get(task.remote(ctx, subnet, threads))
+    else:
+        row, cached = latency_row(ctx, subnet, threads)
+    result = TrialResult(
+        subnet=subnet.name,
+        gflops=gflops(ctx.arch, subnet, ctx.num_classes),
+        top1=acc,
+        latency_ms=row["median_ms"],
+        latency_p10_ms=row["p10_ms"],
+        latency_p90_ms=row["p90_ms"],
+        latency_cached=cached,
+        uniform=subnet.is_uniform,
+        trial_node=ray.get_runtime_context().get_node_id(),
+        latency_node=row.get("node_id", ""),
+        latency_hardware=row["hardware"],
+    )
+    tune.report(dataclasses.asdict(result))

@@ -1,0 +1,69 @@
+"""pipeline.supertrain end to end on a real local Ray and a real MLflow (SQLite) store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from helpers import metric_steps, one_line_error, supertrain_opts
+
+from pipeline.supertrain import SupertrainOptions, main, supertrain
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_killed_worker_is_replaced_and_no_epoch_is_lost_or_repeated(ray_session, tmp_path, mlflow_uri):
+    marker = tmp_path / "killed"
+    res = supertrain(supertrain_opts(tmp_path, mlflow_uri, epochs=3, name="fail", inject_failure=(1, 2, str(marker))))
+    assert marker.exists()  # the worker really was killed, mid-epoch 1
+    for key in ("top1/full", "loss/full", "images_per_s"):
+        assert metric_steps(mlflow_uri, res.run_id, key) == [0, 1, 2], key
+    assert mlflow.MlflowClient(mlflow_uri).get_run(res.run_id).info.status == "FINISHED"
+
+
+def test_resume_after_the_driver_is_killed(ray_session, tmp_path, mlflow_uri, capsys):
+    storage = str(tmp_path / "ray")
+    cmd = [sys.executable, "-m", "pipeline.supertrain", "--data", "synthetic", "--epochs", "3", "--batch-size", "32"]
+    cmd += ["--warmup-epochs", "0.5", "--workers", "1", "--cpus-per-worker", "1", "--storage", storage]
+    cmd += ["--mlflow-uri", mlflow_uri, "--run-name", "drv", "--address", ray_session]
+    with open(tmp_path / "driver.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log_text() -> str:
+        return (tmp_path / "driver.log").read_text()
+
+    try:
+        deadline = time.time() + 240
+        state_file = tmp_path / "ray" / "drv" / "supervit_state.json"
+        run_id = None
+        while time.time() < deadline and proc.poll() is None:
+            if state_file.exists():  # written by the driver once its MLflow run exists
+                run_id = json.loads(state_file.read_text())["mlflow_run_id"]
+                # Shown on the console: logged to MLflow (by the controller, just before).
+                if "epoch 1/3" in log_text():
+                    break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started, nothing else
+        proc.wait()
+    logged = metric_steps(mlflow_uri, run_id, "top1/full")
+    assert logged in ([0], [0, 1]), logged  # killed mid-run
+    # What the user read before the kill: our lines, nothing of Ray's or MLflow's.
+    console = log_text()
+    assert "epoch 1/3" in console and "pid=" not in console and "INFO" not in console, console
+    assert "epoch 3/3" not in console
+    res = supertrain(SupertrainOptions(resume="", storage=storage, mlflow_uri=mlflow_uri, address=ray_session))
+    assert res.run_id == run_id  # the same MLflow run, continued
+    assert metric_steps(mlflow_uri, run_id, "top1/full") == [0, 1, 2]
+    assert metric_steps(mlflow_uri, run_id, "loss/full") == [0, 1, 2]
+    assert mlflow.MlflowClient(mlflow_uri).get_run(run_id).info.status == "FINISHED"
+    # Finished: nothing left to resume.
+    capsys.readouterr()
+    assert "nothing to resume" in one_line_error(
+        main, ["--resume", "--storage", storage, "--mlflow-uri", mlflow_uri], capsys
+    )
