@@ -17,8 +17,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from pipeline.plan import resolve_checkpoint, stack_split
 from pipeline.runs import resolve_tracking_uri
-from pipeline.search import _stack, resolve_checkpoint
 from pipeline.searcher import BudgetedOptunaSearch, make_sampler
 from pipeline.space import default_space_path, load_space
 from pipeline.trial import top1
@@ -68,7 +68,7 @@ def main() -> None:
     arch, num_classes = model.arch, model.num_classes
     space = load_space(default_space_path(arch.name))
     budget = parse_budget(args.budget, arch, num_classes)
-    x, y = _stack(load_data(data_spec, arch).search)
+    x, y = stack_split(load_data(data_spec, arch).search)
     subnets = [s.validate(arch) for s in space.subnets() if gflops(arch, s, num_classes) <= budget]
     table = {s.name: top1(model, s, x, y) for s in subnets}  # the exhaustive search
     best = max(table, key=table.get)

@@ -236,8 +236,10 @@ class RunState:
 
 
 def _slug(text: str) -> str:
-    """A dataset spec or budget list as a short name part: ``/data/imagenet`` -> ``imagenet``."""
-    text = text.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet")
+    """A dataset spec or budget as a short name part: ``/data/imagenet/`` -> ``imagenet``, ``s3://b/shards/*.parquet``
+    -> ``shards``."""
+    parts = [p for p in text.split("/") if p and not any(c in p for c in "*?[")]
+    text = parts[-1].removesuffix(".parquet") if parts else ""
     return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-")[:40] or "data"
 
 

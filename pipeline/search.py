@@ -22,18 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from ray.tune import Callback
 
-from supervit import Budget, SuperViT, gflops
-from supervit.data import Splits
+from supervit import Budget, gflops
 
 from .cli import UsageError, option, parse_options, quiet_libraries, run_cli
 from .latency_table import LatencyTable, arch_key
+from .plan import SearchPlan, plan_search, stack_split
 from .report import answer_table, pareto_plot
 from .runs import (
     STAGE_TAG,
     RunState,
-    check_mlflow,
     default_storage,
     dump_json,
     finish_mlflow_run,
@@ -44,12 +42,10 @@ from .runs import (
     resume_or_name,
     save_state,
     ui_command,
-    write_run_file,
 )
 from .searcher import SAMPLERS
 from .select import choose, pareto_front
-from .space import SearchSpace, default_space_path, load_space
-from .trial import LatencySettings, TrialContext, TrialResult, top1
+from .trial import FinishedRecord, LatencySettings, Progress, TrialContext, TrialResult, top1
 
 EXPERIMENT = "supervit-search"
 
@@ -133,21 +129,6 @@ class SearchOptions:
 
 
 @dataclass
-class SearchPlan:
-    """A validated search: what every budget's search uses. Building it writes nothing."""
-
-    opts: SearchOptions
-    model: SuperViT
-    space: SearchSpace
-    budgets: list[tuple[Budget, float]]  # as written, in GFLOPs for this model
-    latency_budget: float | None
-    data_spec: str
-    splits: Splits
-    supertrain_run: str | None
-    table_path: Path
-
-
-@dataclass
 class SearchResult:
     """The chosen subnet per budget and where everything was logged."""
 
@@ -155,96 +136,6 @@ class SearchResult:
     tracking_uri: str
     chosen: list[dict]
     trials: list[dict]
-
-
-def resolve_checkpoint(spec: str | None, tracking_uri: str, workdir: Path) -> tuple[Path, str | None]:
-    """A local checkpoint file for ``spec`` (file, run id, ``runs:/`` URI, or None: the newest finished
-    supertraining in the store) and the supertraining run id it came from, if any."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    if spec and Path(spec).is_file():
-        return Path(spec), None
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).exists():
-        # No store yet: say so rather than create an empty one.
-        raise UsageError(
-            f"the MLflow store {tracking_uri} does not exist: run `python -m pipeline.supertrain` "
-            "first, or pass --checkpoint FILE or --mlflow-uri"
-        )
-    client = mlflow.MlflowClient(tracking_uri)
-    path = "checkpoint/model.safetensors"
-    if spec is None:
-        exps = [e.experiment_id for e in client.search_experiments()]
-        query = f"tags.`{STAGE_TAG}` = 'supertrain' and attributes.status = 'FINISHED'"
-        runs = client.search_runs(exps, query, order_by=["attributes.end_time DESC"], max_results=1) if exps else []
-        if not runs:
-            raise UsageError(
-                f"no finished supertraining run in the MLflow store {tracking_uri}; run "
-                "`python -m pipeline.supertrain` first or pass --checkpoint"
-            )
-        run_id = runs[0].info.run_id
-    elif spec.startswith("runs:/"):
-        run_id, _, given = spec[len("runs:/") :].partition("/")
-        path = given or path
-    elif re.fullmatch(r"[0-9a-f]{32}", spec):
-        run_id = spec
-    else:
-        raise UsageError(f"checkpoint {spec!r} is neither a file, an MLflow run id nor a runs:/ URI")
-    if not path.endswith(".safetensors"):
-        path = path.rstrip("/") + "/model.safetensors"
-    try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=path, tracking_uri=tracking_uri, dst_path=str(workdir)
-        )
-    except (MlflowException, OSError) as e:
-        raise UsageError(f"cannot fetch checkpoint {path} of MLflow run {run_id}: {str(e).splitlines()[0]}") from None
-    return Path(local), run_id
-
-
-def plan_search(opts: SearchOptions, tracking_uri: str) -> SearchPlan:
-    """Validate everything and load the supernet, space and data; bad input raises before anything is written."""
-    from supervit import load_checkpoint
-    from supervit.checkpoint import read_checkpoint_metadata
-    from supervit.data import load_data
-
-    budgets = opts.parsed_budgets()
-    latency_budget = opts.parsed_latency_budget()
-    if opts.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available here")
-    check_mlflow(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt_path, supertrain_run = resolve_checkpoint(opts.checkpoint, tracking_uri, Path(tmp))
-        meta = read_checkpoint_metadata(ckpt_path)
-        model = load_checkpoint(ckpt_path).eval()
-    arch, num_classes = model.arch, model.num_classes
-    space_path = Path(opts.space) if opts.space else default_space_path(arch.name)
-    space = load_space(space_path)
-    space.check(arch, where=f"search space {space_path}")
-    smallest = min(gflops(arch, s, num_classes) for s in space.subnets())
-    resolved = [(b, b.gflops(arch, num_classes)) for b in budgets]
-    for b, value in resolved:
-        if value < smallest:
-            raise UsageError(
-                f"budget {b.text} ({value:.4g} GFLOPs) is below the smallest subnet of the space "
-                f"({smallest:.4g} GFLOPs = {smallest * 1e3:.4g} MFLOPs)"
-            )
-    data_spec = opts.data or meta["extra"].get("data")
-    if not data_spec:
-        raise UsageError(f"checkpoint {ckpt_path.name} does not say which data it was trained on: pass --data")
-    splits = load_data(data_spec, arch)
-    if splits.num_classes != num_classes:
-        raise UsageError(f"data {data_spec} has {splits.num_classes} classes, the checkpoint {num_classes}")
-    table_path = Path(opts.latency_table or "latency_table.parquet").resolve()
-    LatencyTable(table_path)  # a damaged table is bad input: say so before anything starts
-    return SearchPlan(opts, model, space, resolved, latency_budget, data_spec, splits, supertrain_run, table_path)
-
-
-def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(dataset, "tensors"):
-        return dataset.tensors[0], torch.as_tensor(dataset.tensors[1])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256)
-    xs, ys = zip(*loader, strict=True)
-    return torch.cat(xs), torch.cat(ys)
 
 
 @dataclass
@@ -307,7 +198,7 @@ def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     opts, arch, num_classes = plan.opts, plan.model.arch, plan.model.num_classes
-    xs, ys = _stack(plan.splits.search)
+    xs, ys = stack_split(plan.splits.search)
     tags = {
         STAGE_TAG: "search",
         "preset": arch.name,
@@ -439,7 +330,7 @@ def _mlflow_callback(s: _Search, budget: str):
 def _choose(s: _Search, per_budget: list[list[TrialResult]]) -> tuple[list[dict], list[dict]]:
     """Per budget, the chosen subnet and best uniform one (with their test top-1), and every trial as a row."""
     plan = s.plan
-    xt, yt = _stack(plan.splits.test)
+    xt, yt = stack_split(plan.splits.test)
     chosen, rows = [], []
     for (budget, value), results in zip(plan.budgets, per_budget, strict=True):
         try:
@@ -491,42 +382,6 @@ def _log_outputs(s: _Search, chosen: list[dict], rows: list[dict]) -> None:
     for f in (plan.table_path, s.study_path):
         if f.exists():
             client.log_artifact(s.parent_id, str(f))
-
-
-# --------------------------------------------------------------------------------------- Tune callbacks
-
-
-class FinishedRecord(Callback):
-    """Tune callback keeping every trial that finished with a result, in `results` and whole (atomically) in
-    ``<storage>/<name>/<filename>`` (Tune's own experiment state is written in place, and a killed driver can
-    leave it empty). Failed trials are never chosen and are not recorded."""
-
-    def __init__(self, storage: str, name: str, filename: str, results: list[TrialResult]) -> None:
-        self.where, self.results = (storage, name, filename), list(results)
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        if "top1" in (trial.last_result or {}):
-            self.results.append(TrialResult.from_metrics(trial.last_result))
-            write_run_file(*self.where, dump_json([dataclasses.asdict(r) for r in self.results]))
-
-
-class Progress(Callback):
-    """Tune callback printing one line per finished trial."""
-
-    def __init__(self, budget: str, trials: int, done: int = 0) -> None:
-        self.budget, self.trials, self.done = budget, trials, done
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.done += 1
-        m = trial.last_result or {}
-        if "top1" in m:
-            r = TrialResult.from_metrics(m)
-            cached = " (cached)" if r.latency_cached else ""
-            print(
-                f"[{self.budget}] trial {self.done}/{self.trials}: {r.subnet:<18} {r.gflops * 1e3:9.3f} MFLOPs  "
-                f"top1 {r.top1:5.1f}  latency {r.latency_ms:.3f} ms{cached}",
-                flush=True,
-            )
 
 
 def main(argv: list[str] | None = None) -> SearchResult:

@@ -186,10 +186,8 @@ def supertrain(opts: SupertrainOptions, verbose: bool = False) -> SupertrainResu
     Bad input raises `UsageError` (or a `CheckpointError`/`DataError`) before anything is written.
     """
     import mlflow
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from .worker import Console, backfill_epochs, make_epoch_logger, train_loop_per_worker
+    from .worker import backfill_epochs
 
     storage = opts.storage or default_storage()
     keep = ("address", "storage", "mlflow_uri", "inject_failure")
@@ -200,15 +198,7 @@ def supertrain(opts: SupertrainOptions, verbose: bool = False) -> SupertrainResu
     splits = opts.validate()
 
     init_ray(opts.address, verbose=verbose)
-    import ray
-
-    resources = ray.cluster_resources()
-    use_gpu = (opts.gpus_per_worker or 0) > 0 if opts.gpus_per_worker is not None else resources.get("GPU", 0) > 0
-    opts = dataclasses.replace(
-        opts, cpus_per_worker=opts.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // opts.workers)
-    )
-    per_worker = {"CPU": opts.cpus_per_worker} | ({"GPU": opts.gpus_per_worker or 1} if use_gpu else {})
-
+    opts, use_gpu = _place_workers(opts)
     run_dir = f"{storage.rstrip('/')}/{name}"
     tags = {
         STAGE_TAG: "supertrain",
@@ -218,9 +208,8 @@ def supertrain(opts: SupertrainOptions, verbose: bool = False) -> SupertrainResu
         "ray.run_name": name,
         "ray.storage_path": run_dir,
     }
-    run_id = open_mlflow_run(
-        tracking_uri, opts.experiment, name, state, tags, _params(opts, splits, storage, name, use_gpu)
-    )
+    params = _params(opts, splits, storage, name, use_gpu)
+    run_id = open_mlflow_run(tracking_uri, opts.experiment, name, state, tags, params)
     if state is not None:
         backfill_epochs(mlflow.MlflowClient(tracking_uri), run_id, run_dir)
     save_state(storage, name, _state(opts, run_id, tracking_uri, "running"))
@@ -229,7 +218,38 @@ def supertrain(opts: SupertrainOptions, verbose: bool = False) -> SupertrainResu
         f"recipe {opts.recipe}; MLflow run {run_id}",
         flush=True,
     )
+    try:
+        result = _fit(opts, name=name, storage=storage, tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu)
+    except Exception:
+        mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED")
+        raise
+    table = _log_results(opts, splits, result, tracking_uri, run_id)
+    finish_mlflow_run(tracking_uri, run_id, accuracy_table(opts.arch, table)[0])
+    save_state(storage, name, _state(opts, run_id, tracking_uri, "finished"))
+    art = mlflow.MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri
+    return SupertrainResult(run_id, tracking_uri, f"{art}/checkpoint/model.safetensors", run_dir, opts.preset, table)
 
+
+def _place_workers(opts: SupertrainOptions) -> tuple[SupertrainOptions, bool]:
+    """The options with CPUs per worker decided (the cluster's CPUs shared out by default), and whether the
+    workers use GPUs (by default when the cluster has them)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    use_gpu = (opts.gpus_per_worker or 0) > 0 if opts.gpus_per_worker is not None else resources.get("GPU", 0) > 0
+    cpus = opts.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // opts.workers)
+    return dataclasses.replace(opts, cpus_per_worker=cpus), use_gpu
+
+
+def _fit(opts: SupertrainOptions, *, name: str, storage: str, tracking_uri: str, run_id: str, use_gpu: bool):
+    """Ray Train's run of the worker loop, with the epoch logger and the console; its `Result`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .console import Console
+    from .worker import make_epoch_logger, train_loop_per_worker
+
+    per_worker = {"CPU": opts.cpus_per_worker} | ({"GPU": opts.gpus_per_worker or 1} if use_gpu else {})
     with Console() as console:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -243,16 +263,7 @@ def supertrain(opts: SupertrainOptions, verbose: bool = False) -> SupertrainResu
                 callbacks=[make_epoch_logger(tracking_uri, run_id, opts.epochs, console)],
             ),
         )
-        try:
-            result = trainer.fit()
-        except Exception:
-            mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED")
-            raise
-    table = _log_results(opts, splits, result, tracking_uri, run_id)
-    finish_mlflow_run(tracking_uri, run_id, accuracy_table(opts.arch, table)[0])
-    save_state(storage, name, _state(opts, run_id, tracking_uri, "finished"))
-    art = mlflow.MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri
-    return SupertrainResult(run_id, tracking_uri, f"{art}/checkpoint/model.safetensors", run_dir, opts.preset, table)
+        return trainer.fit()
 
 
 def _log_results(opts: SupertrainOptions, splits: Splits, result, tracking_uri: str, run_id: str) -> dict:

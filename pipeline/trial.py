@@ -12,14 +12,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from ray.tune import Callback
 
 from supervit import ArchConfig, SubnetConfig, SuperViT, gflops, hardware_fingerprint, measure_latency
 
 from .latency_table import KEY
-from .runs import maybe_fail
+from .runs import dump_json, maybe_fail, write_run_file
 from .space import SearchSpace
 
-__all__ = ["LatencySettings", "TrialContext", "TrialResult", "top1", "latency_row", "run_trial"]
+__all__ = [
+    "LatencySettings",
+    "TrialContext",
+    "TrialResult",
+    "top1",
+    "latency_row",
+    "run_trial",
+    "FinishedRecord",
+    "Progress",
+]
 
 
 @dataclass(frozen=True)
@@ -170,3 +180,39 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         latency_hardware=row["hardware"],
     )
     tune.report(dataclasses.asdict(result))
+
+
+# --------------------------------------------------------------------------------------- Tune callbacks
+
+
+class FinishedRecord(Callback):
+    """Tune callback keeping every trial that finished with a result, in `results` and whole (atomically) in
+    ``<storage>/<name>/<filename>`` (Tune's own experiment state is written in place, and a killed driver can
+    leave it empty). Failed trials are never chosen and are not recorded."""
+
+    def __init__(self, storage: str, name: str, filename: str, results: list[TrialResult]) -> None:
+        self.where, self.results = (storage, name, filename), list(results)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if "top1" in (trial.last_result or {}):
+            self.results.append(TrialResult.from_metrics(trial.last_result))
+            write_run_file(*self.where, dump_json([dataclasses.asdict(r) for r in self.results]))
+
+
+class Progress(Callback):
+    """Tune callback printing one line per finished trial."""
+
+    def __init__(self, budget: str, trials: int, done: int = 0) -> None:
+        self.budget, self.trials, self.done = budget, trials, done
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.done += 1
+        m = trial.last_result or {}
+        if "top1" in m:
+            r = TrialResult.from_metrics(m)
+            cached = " (cached)" if r.latency_cached else ""
+            print(
+                f"[{self.budget}] trial {self.done}/{self.trials}: {r.subnet:<18} {r.gflops * 1e3:9.3f} MFLOPs  "
+                f"top1 {r.top1:5.1f}  latency {r.latency_ms:.3f} ms{cached}",
+                flush=True,
+            )

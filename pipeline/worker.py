@@ -20,6 +20,7 @@ import torch
 from supervit import SubnetConfig, SubnetSampler, SuperViT, Training, evaluate, make_training, train_one_epoch
 from supervit.data import Splits
 
+from .console import Console
 from .report import cells
 from .runs import maybe_fail
 
@@ -33,7 +34,6 @@ __all__ = [
     "log_epoch",
     "backfill_epochs",
     "make_epoch_logger",
-    "Console",
 ]
 
 PROGRESS_EVERY_S = 10.0  # how often rank 0 reports progress within an epoch
@@ -205,87 +205,6 @@ def train_loop_per_worker(config: dict) -> None:
         )
         metrics.update(evaluate_worker(w, opts, last=epoch == opts.epochs - 1))
         _report(w, opts, epoch, metrics)
-
-
-# ---------------------------------------------------------------------------------------------- console
-
-
-class Console:
-    """The command's console, fed from any Ray process: epoch lines and progress go through a Ray queue that
-    a thread of the driver prints, so users read one clean line per epoch instead of Ray's worker logs."""
-
-    def __init__(self) -> None:
-        import threading
-
-        from ray.util.queue import Queue
-
-        self.queue = Queue(actor_options={"num_cpus": 0})
-        self._stop = threading.Event()
-        self._thread: Any = None
-        self._bar_open = False
-
-    def __getstate__(self) -> dict:
-        return {"queue": self.queue}  # only the queue travels to workers
-
-    def __setstate__(self, state: dict) -> None:
-        self.queue = state["queue"]
-
-    def line(self, text: str) -> None:
-        """Print ``text`` on the driver's console."""
-        self.queue.put(("line", text))
-
-    def progress(self, epoch: int, epochs: int, step: int, steps: int) -> None:
-        """Progress within a long epoch."""
-        self.queue.put(("progress", f"epoch {epoch + 1}/{epochs}", step, steps))
-
-    def __enter__(self) -> Console:
-        import threading
-
-        self._thread = threading.Thread(target=self._print_loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._drain()
-
-    def _print_loop(self) -> None:
-        from ray.util.queue import Empty
-
-        while not self._stop.is_set():
-            try:
-                self._show(self.queue.get(timeout=0.5))
-            except Empty:
-                continue
-            except Exception:  # the queue actor is gone: Ray is shutting down
-                return
-
-    def _drain(self) -> None:
-        try:
-            while not self.queue.empty():
-                self._show(self.queue.get_nowait())
-        except Exception:
-            pass
-
-    def _show(self, item: tuple) -> None:
-        import sys
-
-        tty = sys.stdout.isatty()
-        if item[0] == "progress":
-            _, what, step, steps = item
-            done = int(30 * step / max(1, steps))
-            text = f"  {what} [{'#' * done}{'.' * (30 - done)}] {step}/{steps} steps"
-            if tty:
-                print("\r" + text, end="", flush=True)
-                self._bar_open = True
-            else:
-                print(text, flush=True)
-            return
-        if self._bar_open:
-            print("\r" + " " * 80 + "\r", end="")
-            self._bar_open = False
-        print(item[1], flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- MLflow

@@ -127,3 +127,19 @@ def check_supertrain_run(res, mlflow_uri: str, tmp_path: Path, workers: int, epo
     versions = client.search_model_versions("name='supervit-tiny'")
     assert [v.run_id for v in versions] == [res.run_id]
     assert run.data.tags["ray.storage_path"] == res.storage_path and os.path.isdir(res.storage_path)
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps a copy of every gradient it steps with (None for parameters without one)."""
+
+    def __init__(self, named_params, lr):
+        self.names = [n for n, _ in named_params]
+        super().__init__([p for _, p in named_params], lr=lr)
+        self.seen = []
+
+    def step(self, closure=None):
+        params = self.param_groups[0]["params"]
+        self.seen.append(
+            {n: None if p.grad is None else p.grad.clone() for n, p in zip(self.names, params, strict=True)}
+        )
+        return super().step(closure)

@@ -55,17 +55,21 @@ def test_timm_deit_import_resamples_pos_embed_to_every_grid(tmp_path):
 
 
 def test_official_supervit_checkpoint_import(tmp_path):
+    """The official file, built from timm's names (not from this project's model): timm DeiT-S weights, one
+    position embedding per grid as ``pos_embed_list.{i}`` (smallest first), and the training state beside them.
+    Every grid at keep 1 must then be exactly timm's DeiT-S at that input size with that position embedding."""
     torch.manual_seed(0)
-    src = _perturbed(SuperViT(get_arch("deit_s")))
-    state = src.state_dict()
-    assert "pos_embed_list.0" in state and state["pos_embed_list.0"].shape[1] == 8 * 8 + 1  # smallest first
+    ref = _perturbed(timm.create_model("deit_small_patch16_224", pretrained=False))
+    grids = (8, 10, 12, 14)
+    weights = {k: v for k, v in ref.state_dict().items() if k != "pos_embed"}
+    weights |= {f"pos_embed_list.{i}": torch.randn(1, g * g + 1, 384) * 0.02 for i, g in enumerate(grids)}
     args = argparse.Namespace(model="deit_small_patch16_224", lr=5e-4, keep_rate=[0.5, 0.7, 1.0])
     official = {
-        "model": state,
+        "model": weights,
         "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
         "lr_scheduler": {"last_epoch": 299},
         "epoch": 299,
-        "model_ema": collections.OrderedDict((k, v.clone()) for k, v in state.items()),
+        "model_ema": collections.OrderedDict((k, v.clone()) for k, v in weights.items()),
         "scaler": {"scale": 65536.0},
         "args": args,
     }
@@ -75,9 +79,14 @@ def test_official_supervit_checkpoint_import(tmp_path):
         torch.load(path, weights_only=True)
     model = load_checkpoint(path, arch="deit_s").eval()
     x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        for subnet in (SubnetConfig(14, 1.0), SubnetConfig(10, 0.7), SubnetConfig(8, 0.5)):
-            assert torch.equal(model(x, subnet), src(x, subnet))
+    for i, g in enumerate(grids):
+        at_grid = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=g * 16).eval()
+        timm_names = {k: v for k, v in weights.items() if not k.startswith("pos_embed_list.")}
+        at_grid.load_state_dict(timm_names | {"pos_embed": weights[f"pos_embed_list.{i}"]})
+        small = torch.nn.functional.interpolate(x, size=(g * 16, g * 16), mode="bilinear", align_corners=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, SubnetConfig(g, 1.0)), at_grid(small), atol=1e-4, rtol=0, msg=str(g))
+            assert model(x, SubnetConfig(g, 0.5)).shape == (2, 1000)
 
 
 def test_load_pretrained_keeps_a_new_head(tmp_path):

@@ -92,3 +92,30 @@ def test_parse_budget_fraction_of_full_model():
 def test_bad_budgets(text):
     with pytest.raises(ValueError, match="accepted forms: 2.3GFLOPs"):
         parse_budget(text, get_arch("deit_s"))
+
+
+def test_a_preset_is_defined_in_one_place():
+    from pipeline.space import default_space_path, load_space
+    from supervit import PRESETS, Preset, TrainConfig
+
+    for name, preset in PRESETS.items():
+        assert preset.name == name and isinstance(preset.train, TrainConfig)
+        space = load_space(default_space_path(name))  # its search space file exists and fits
+        assert space.preset == name
+        space.check(preset.arch)
+    with pytest.raises(TypeError):
+        Preset(get_arch("tiny"), space="tiny.yaml")  # no training defaults: refused at definition
+    with pytest.raises(TypeError):
+        TrainConfig(epochs=1, batch_size=2)  # every training default must be given
+    with pytest.raises(TypeError, match="TrainConfig"):
+        Preset(get_arch("tiny"), {"epochs": 1}, "tiny.yaml")
+
+
+def test_budget_is_parsed_once_then_resolved_per_architecture():
+    from supervit import Budget
+
+    b = Budget.parse(" 0.5x ")
+    assert (b.text, b.value, b.relative) == ("0.5x", 0.5, True)
+    assert b.gflops(get_arch("deit_s")) == pytest.approx(0.5 * gflops(get_arch("deit_s")))
+    assert b.gflops(get_arch("tiny"), 10) == pytest.approx(0.5 * gflops(get_arch("tiny"), None, 10))
+    assert Budget.parse("450MFLOPs").gflops(get_arch("tiny")) == pytest.approx(0.45)

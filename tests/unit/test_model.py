@@ -136,6 +136,22 @@ def test_deit_s_gflops_is_the_papers_4_6():
     assert gflops(get_arch("deit_s")) == pytest.approx(4.6, abs=0.05)
 
 
+# The SuperViT paper's FLOPs table for DeiT-S: grid -> GFLOPs at keep 0.5, 0.7, 1.0.
+PAPER_GFLOPS = {
+    8: (0.742, 0.972, 1.438),
+    10: (1.155, 1.515, 2.268),
+    12: (1.668, 2.194, 3.315),
+    14: (2.298, 3.013, 4.599),
+}
+
+
+@pytest.mark.parametrize("grid", sorted(PAPER_GFLOPS))
+def test_deit_s_gflops_match_the_papers_table(grid):
+    arch = get_arch("deit_s")
+    for rate, paper in zip((0.5, 0.7, 1.0), PAPER_GFLOPS[grid], strict=True):
+        assert gflops(arch, SubnetConfig(grid, rate)) == pytest.approx(paper, abs=0.002), (grid, rate)
+
+
 def test_gflops_matches_torch_flop_counter_on_seed_cells():
     arch = get_arch("deit_s")
     model = SuperViT(arch).eval()

@@ -46,3 +46,15 @@ def test_find_resume_in_a_bucket_needs_the_name(tmp_path):
         find_resume(storage, None, "s.json", "run")
     with pytest.raises(UsageError, match="no run 'r2'"):
         find_resume(storage, "r2", "s.json", "run")
+
+
+def test_stable_names_are_meaningful_and_never_reused(tmp_path):
+    from pipeline.runs import stable_name
+
+    storage = str(tmp_path)
+    assert stable_name(storage, "supertrain", "tiny", "/data/imagenet/") == "supertrain-tiny-imagenet-1"
+    (tmp_path / "supertrain-tiny-imagenet-1").mkdir()
+    assert stable_name(storage, "supertrain", "tiny", "/data/imagenet") == "supertrain-tiny-imagenet-2"
+    assert stable_name(f"file://{tmp_path}", "supertrain", "tiny", "imagenet") == "supertrain-tiny-imagenet-2"
+    assert stable_name(storage, "search", "0.5x", "2.3GFLOPs") == "search-0.5x-2.3GFLOPs-1"
+    assert stable_name(str(tmp_path / "new"), "search", "s3://bucket/shards/*.parquet") == "search-shards-1"

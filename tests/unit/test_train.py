@@ -5,9 +5,23 @@ import json
 
 import pytest
 import torch
+from helpers import RecordingSGD
 
-from supervit import Role, SubnetConfig, SubnetSampler, SuperViT, distill_loss, get_arch, supertrain_step
+from supervit import (
+    Role,
+    SubnetConfig,
+    SubnetSampler,
+    SuperViT,
+    distill_loss,
+    evaluate,
+    get_arch,
+    get_preset,
+    make_training,
+    supertrain_step,
+    train_one_epoch,
+)
 from supervit.data import synthetic
+from supervit.train import warmup_cosine
 
 
 def test_seed_recipe_roles():
@@ -122,7 +136,7 @@ def test_step_accumulates_every_role_into_one_update():
         assert changed == (i in used)
 
 
-def test_distilled_role_gets_the_teachers_detached_output():
+def test_distilled_role_gets_the_teachers_output():
     torch.manual_seed(0)
     arch = get_arch("tiny")
     model = SuperViT(arch, num_classes=10)
@@ -132,6 +146,96 @@ def test_distilled_role_gets_the_teachers_detached_output():
     same = [roles[0], Role("copy", roles[0].subnet, teacher="full")]
     losses = supertrain_step(model.eval(), x, y, same, torch.optim.SGD(model.parameters(), lr=0.0))
     assert losses["copy"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distill_loss_is_kl_from_teacher_to_student():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 7), torch.randn(5, 7)
+    p_t, p_s = teacher.softmax(-1), student.softmax(-1)
+    expected = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()  # KL(teacher || student), mean over the batch
+    torch.testing.assert_close(distill_loss(student, teacher), expected)
+    assert float(distill_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-7)
+    # Not symmetric: the direction matters.
+    assert float(distill_loss(teacher, student)) != pytest.approx(float(expected), rel=1e-3)
+    # The teacher is detached: no gradient reaches it, while the student gets one.
+    s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+    distill_loss(s, t).backward()
+    assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_distilled_role_leaves_the_teacher_untouched():
+    """A distilled role's update carries exactly the gradient of KL(student || detached teacher): nothing flows
+    back into the teacher's forward (the largest grid's own position embedding gets no gradient)."""
+    torch.manual_seed(0)
+    arch = get_arch("tiny")
+    model = SuperViT(arch, num_classes=10).eval()
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    student = SubnetConfig(min(arch.grids), (0.5,) * arch.num_stages)
+    roles = [Role("full", arch.largest, update=True), Role("student", student, "full", update=True)]
+    opt = RecordingSGD(list(model.named_parameters()), lr=0.0)  # lr 0: the weights stay as they are
+    supertrain_step(model, x, y, roles, opt)
+    student_step = opt.seen[1]
+    teacher_pe = f"pos_embed_list.{arch.grids.index(arch.largest.grid)}"
+    assert opt.seen[0][teacher_pe] is not None  # the teacher's own step did train it
+    assert student_step[teacher_pe] is None  # the student's did not touch it
+    expected = torch.autograd.grad(
+        distill_loss(model(x, student), model(x, arch.largest).detach()),
+        [p for _, p in model.named_parameters()],
+        allow_unused=True,
+    )
+    for (name, _), g in zip(model.named_parameters(), expected, strict=True):
+        if g is None:
+            assert student_step[name] is None, name
+        else:
+            torch.testing.assert_close(student_step[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_mixed_precision_step_follows_the_full_precision_step():
+    """A bf16-autocast step (CPU here; CUDA in test_gpu.py) gives the losses and gradient of the fp32 step,
+    to bf16's precision."""
+    arch = get_arch("tiny")
+    x, y = torch.randn(16, 1, 16, 16), torch.randint(0, 10, (16,))
+    roles = SubnetSampler(arch, "seed", seed=0).sample()  # one accumulated update: one gradient to compare
+    runs = []
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = SuperViT(arch, num_classes=10)
+        opt = RecordingSGD(list(model.named_parameters()), lr=0.1)
+        losses = supertrain_step(model, x, y, roles, opt, autocast_dtype=dtype)
+        grad = torch.cat([g.flatten() for g in opt.seen[0].values() if g is not None])
+        runs.append((losses, grad))
+    (l32, g32), (l16, g16) = runs
+    assert l16.keys() == l32.keys()
+    for k in l32:
+        assert l16[k] == pytest.approx(l32[k], rel=0.05, abs=2e-3), k
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+    assert (g16.norm() / g32.norm()).item() == pytest.approx(1.0, rel=0.05)
+    assert not torch.equal(g16, g32)  # ... and the step really ran in bf16
+
+
+def test_training_loop_pieces():
+    torch.manual_seed(0)
+    arch = get_arch("tiny")
+    cfg = get_preset("tiny").train
+    model = SuperViT(arch, num_classes=4)
+    training = make_training(model, cfg, steps_per_epoch=10, device="cpu")
+    decay, no_decay = training.optimizer.param_groups
+    assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and model.cls_token in no_decay["params"]
+    factors = [warmup_cosine(20, 200)(i) for i in range(201)]
+    assert factors[0] == pytest.approx(1 / 20) and factors[19] == pytest.approx(1.0)  # linear warm-up
+    assert factors[110] == pytest.approx(0.5, abs=0.01) and factors[200] == pytest.approx(0.0)  # cosine to 0
+    assert all(a >= b for a, b in zip(factors[19:], factors[20:], strict=False))
+    data = synthetic(arch, num_classes=4, train_size=64, search_size=16, test_size=16)
+    batches = list(torch.utils.data.DataLoader(data.train, batch_size=16))
+    steps = []
+    stats = train_one_epoch(model, batches, SubnetSampler(arch, seed=0), training, on_step=steps.append)
+    assert steps == [0, 1, 2, 3] and stats.steps == 4 and stats.images == 64 and stats.seconds > 0
+    assert set(stats.losses) == {"full", "smallest_grid", "grid1", "grid2"}
+    assert training.scheduler.last_epoch == 4  # one schedule step per training step
+    counts = evaluate(model, torch.utils.data.DataLoader(data.test, batch_size=5), [arch.largest, arch.smallest])
+    assert {s: n for s, (_, n) in counts.items()} == {arch.largest: 16, arch.smallest: 16}
+    assert all(0 <= c <= 16 for c, _ in counts.values())
 
 
 def test_task_weight_mixes_the_task_loss_into_distilled_roles():

@@ -29,3 +29,10 @@ def test_epoch_line():
     m = {"epoch": 2, "loss/full": 1.25, "loss/grid1": 0.5, "lr": 1e-3, "images_per_s": 812.4, "epoch_time_s": 3.25}
     line = epoch_line(m | {"top1/full": 91.25, "top1/smallest": 80.0}, 20)
     assert line == ("epoch 3/20  full 1.250  grid1 0.500  lr 1.00e-03  812 img/s  3.2s  top1 full 91.2  smallest 80.0")
+
+
+def test_progress_bar_text():
+    from pipeline.console import progress_text
+
+    assert progress_text("epoch 3/300", 50, 200, width=8) == "  epoch 3/300 [##......] 50/200 steps"
+    assert progress_text("epoch 1/1", 0, 0, width=4) == "  epoch 1/1 [....] 0/0 steps"
