@@ -38,7 +38,7 @@ def option(
     default: Any = dataclasses.MISSING,
     *,
     help: str,
-    flag: str | None = None,
+    flag: str | tuple[str, ...] | None = None,
     choices: tuple | None = None,
     metavar: str | None = None,
     min: float | None = None,
@@ -52,7 +52,7 @@ def option(
     Args:
         default: The option's one default.
         help: Help text (the default is appended by the parser).
-        flag: Command-line flag (default ``--<name with dashes>``).
+        flag: Command-line flag, or flags (default ``--<name with dashes>``).
         choices: Accepted values.
         metavar: Placeholder in ``--help``.
         min: Smallest accepted value (checked for the CLI, a config file and direct callers alike).
@@ -97,24 +97,25 @@ def build_parser(options_type: type, prog: str, description: str) -> Parser:
         meta = f.metadata
         if not meta.get("cli", True):
             continue
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        flags = meta["flag"] or "--" + f.name.replace("_", "-")
+        flags = (flags,) if isinstance(flags, str) else flags
         kind, many = _base_type(hints[f.name])
         kw: dict[str, Any] = {"dest": f.name, "help": meta["help"] + _default_text(f)}
         if kind is bool:
             # True/False defaults get the flag that changes them; None (a recipe's choice) gets both.
             if f.default is True:
-                p.add_argument("--no-" + flag[2:], action="store_false", **kw)
+                p.add_argument(*("--no-" + f[2:] for f in flags), action="store_false", **kw)
             elif f.default is False:
-                p.add_argument(flag, action="store_true", **kw)
+                p.add_argument(*flags, action="store_true", **kw)
             else:
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+                p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
             continue
         kw.update(type=kind, choices=meta["choices"], metavar=meta["metavar"])
         if many:
             kw["action"] = "append"
         if meta["nargs"]:
             kw.update(nargs=meta["nargs"], const=meta["const"])
-        p.add_argument(flag, **kw)
+        p.add_argument(*flags, **kw)
     return p
 
 

@@ -57,9 +57,29 @@ class SupertrainOptions:
     lr: float | None = option(None, help=f"peak learning rate after warm-up ({_PRESET_DEFAULT})")
     warmup_epochs: float | None = option(None, help=f"linear warm-up before cosine decay ({_PRESET_DEFAULT})", min=0)
     weight_decay: float | None = option(None, help=f"AdamW weight decay ({_PRESET_DEFAULT})", min=0)
-    label_smoothing: float | None = option(None, help=f"label smoothing of the task loss ({_PRESET_DEFAULT})", min=0)
+    label_smoothing: float | None = option(
+        None,
+        help=f"label smoothing of the task loss ({_PRESET_DEFAULT})",
+        min=0,
+        flag=("--smoothing", "--label-smoothing"),
+    )
     drop_path: float | None = option(None, help=f"stochastic depth rate ({_PRESET_DEFAULT})", min=0)
     clip_grad: float | None = option(None, help=f"max gradient norm ({_PRESET_DEFAULT})", min=0)
+    lr_batch: int | None = option(
+        None, help=f"global batch --lr is given for; scaled linearly to the actual one ({_PRESET_DEFAULT})", min=1
+    )
+    aug: str | None = option(
+        None,
+        help=f"RandAugment policy of the training transform, or none ({_PRESET_DEFAULT}: deit "
+        "rand-m9-mstd0.5-inc1, tiny none)",
+    )
+    reprob: float | None = option(None, help=f"random-erasing probability ({_PRESET_DEFAULT}: deit 0.25)", min=0)
+    mixup: float | None = option(None, help=f"mixup alpha, 0 for none ({_PRESET_DEFAULT}: deit 0.8)", min=0)
+    cutmix: float | None = option(None, help=f"cutmix alpha, 0 for none ({_PRESET_DEFAULT}: deit 1.0)", min=0)
+    repeated_aug: bool | None = option(
+        None, help=f"repeated augmentation: each image 3 times per epoch ({_PRESET_DEFAULT}: deit yes)"
+    )
+    model_ema: bool | None = option(None, help=f"keep and evaluate an EMA of the weights ({_PRESET_DEFAULT}: deit yes)")
     recipe: str = option(
         "balanced", help="supertraining recipe (seed: the paper's, for reproduction; see README)", choices=RECIPES
     )
@@ -131,6 +151,8 @@ class SupertrainOptions:
 
         if self.lr <= 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
+        if (self.mixup or self.cutmix) and self.batch_size % 2:
+            raise UsageError(f"--mixup/--cutmix mix pairs of images: --batch-size must be even, got {self.batch_size}")
         splits = load_data(self.data, self.arch)
         verify(splits)
         if len(splits.train) < self.batch_size * self.workers:
@@ -274,6 +296,7 @@ def _log_results(opts: SupertrainOptions, splits: Splits, result, tracking_uri: 
     from supervit import load_checkpoint
 
     from .registry import log_subnet_model
+    from .worker import EMA_FILE
 
     arch, m = opts.arch, result.metrics
     table = {
@@ -298,6 +321,8 @@ def _log_results(opts: SupertrainOptions, splits: Splits, result, tracking_uri: 
             client.log_artifact(run_id, str(tmp / f), "results")
         ckpt_file = Path(ckpt_dir) / "model.safetensors"
         client.log_artifact(run_id, str(ckpt_file), "checkpoint")
+        if (Path(ckpt_dir) / EMA_FILE).exists():
+            client.log_artifact(run_id, str(Path(ckpt_dir) / EMA_FILE), "checkpoint")
         model = load_checkpoint(ckpt_file).eval()
         registered = opts.registered_model or f"supervit-{opts.preset}"
         log_subnet_model(

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 PROGRESS_EVERY_S = 10.0  # how often rank 0 reports progress within an epoch
+EMA_FILE = "model_ema.safetensors"  # beside model.safetensors in a checkpoint, with --model-ema
 
 
 # ------------------------------------------------------------------------------------------------- worker
@@ -92,7 +93,7 @@ def make_worker(
     def shard(ds):
         return torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), batch_size=256)
 
-    training = make_training(core, opts.train_config(), len(loader), device)
+    training = make_training(core, opts.train_config(), len(loader), device, splits.num_classes, world)
     sampler = SubnetSampler(opts.arch, opts.recipe, schedules=opts.schedules, seed=opts.seed)
     return _Worker(
         rank, world, device, splits, model, core, loader, shard(splits.search), shard(splits.test), training, sampler
@@ -109,6 +110,8 @@ def _restore(w: _Worker) -> int:
         return 0
     with ckpt.as_directory() as d:
         w.core.load_state_dict(load_file(os.path.join(d, "model.safetensors"), device=str(w.device)))
+        if w.training.ema is not None:
+            w.training.ema.module.load_state_dict(load_file(os.path.join(d, EMA_FILE), device=str(w.device)))
         state = torch.load(os.path.join(d, "train_state.pt"), map_location=w.device, weights_only=True)
     w.training.load_state_dict(state)
     w.sampler.load_state_dict(state["sampler"])
@@ -132,6 +135,9 @@ def evaluate_worker(w: _Worker, opts: SupertrainOptions, last: bool) -> dict[str
     subnets = cells(arch) if last else [arch.largest, arch.smallest]
     val = _all_reduce_top1(evaluate(w.model, w.val_loader, subnets, w.training.autocast_dtype), w.device)
     metrics = {"top1/full": val[arch.largest], "top1/smallest": val[arch.smallest]}
+    if w.training.ema is not None:
+        ema = evaluate(w.training.ema.module, w.val_loader, [arch.largest], w.training.autocast_dtype)
+        metrics["top1_ema/full"] = _all_reduce_top1(ema, w.device)[arch.largest]
     if last:
         test = _all_reduce_top1(evaluate(w.model, w.test_loader, subnets, w.training.autocast_dtype), w.device)
         for s in subnets:
@@ -152,6 +158,8 @@ def _report(w: _Worker, opts: SupertrainOptions, epoch: int, metrics: dict) -> N
         if w.rank == 0:
             extra = {"epoch": epoch, "data": opts.data, "preset": opts.preset, "num_classes": w.splits.num_classes}
             save_checkpoint(os.path.join(tmp, "model.safetensors"), w.core, extra=extra)
+            if w.training.ema is not None:
+                save_checkpoint(os.path.join(tmp, EMA_FILE), w.training.ema.module, extra={**extra, "ema": True})
             state = {"epoch": epoch, "sampler": w.sampler.state_dict(), **w.training.state_dict()}
             torch.save(state, os.path.join(tmp, "train_state.pt"))
             # The epoch's metrics travel with its checkpoint, so a resumed run can log what a killed driver
@@ -258,6 +266,7 @@ def epoch_line(m: dict, epochs: int) -> str:
     return (
         f"epoch {int(m['epoch']) + 1}/{epochs}  {losses}  lr {m['lr']:.2e}  {m['images_per_s']:.0f} img/s  "
         f"{m['epoch_time_s']:.1f}s  top1 full {m['top1/full']:.1f}  smallest {m['top1/smallest']:.1f}"
+        + (f"  ema full {m['top1_ema/full']:.1f}" if "top1_ema/full" in m else "")
     )
 
 

@@ -116,6 +116,16 @@ class TrainConfig:
         label_smoothing: Label smoothing of the task loss.
         drop_path: Stochastic depth rate of the last block.
         clip_grad: Max global gradient norm, or None.
+        lr_batch: The global batch ``lr`` is given for: the learning rate is scaled linearly to the actual global
+            batch (DeiT: 5e-4 at 512); None uses ``lr`` as it is.
+        aug: timm RandAugment policy of the training transform (``rand-m9-mstd0.5-inc1``), or ``none``.
+        reprob: Random-erasing probability.
+        mixup: Mixup alpha (0: off).
+        cutmix: CutMix alpha (0: off).
+        repeated_aug: Repeated augmentation (each image three times per epoch, independently augmented, in as
+            many steps as without).
+        model_ema: Keep an exponential moving average of the weights (decay 0.99996, DeiT's), evaluated beside
+            the model and saved with it.
     """
 
     epochs: int
@@ -126,6 +136,13 @@ class TrainConfig:
     label_smoothing: float
     drop_path: float
     clip_grad: float | None
+    lr_batch: int | None
+    aug: str
+    reprob: float
+    mixup: float
+    cutmix: float
+    repeated_aug: bool
+    model_ema: bool
 
 
 @dataclass(frozen=True)
@@ -156,6 +173,13 @@ _DEIT_TRAIN = TrainConfig(
     label_smoothing=0.1,
     drop_path=0.1,
     clip_grad=None,
+    lr_batch=512,
+    aug="rand-m9-mstd0.5-inc1",
+    reprob=0.25,
+    mixup=0.8,
+    cutmix=1.0,
+    repeated_aug=True,
+    model_ema=True,
 )
 
 PRESETS: dict[str, Preset] = {
@@ -188,6 +212,13 @@ PRESETS: dict[str, Preset] = {
                 label_smoothing=0.0,
                 drop_path=0.0,
                 clip_grad=1.0,
+                lr_batch=None,
+                aug="none",
+                reprob=0.0,
+                mixup=0.0,
+                cutmix=0.0,
+                repeated_aug=False,
+                model_ema=False,
             ),
             "tiny.yaml",
         ),

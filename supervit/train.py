@@ -42,6 +42,7 @@ __all__ = [
     "Training",
     "EpochStats",
     "make_training",
+    "scaled_lr",
     "warmup_cosine",
     "train_one_epoch",
     "evaluate",
@@ -293,9 +294,13 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
+EMA_DECAY = 0.99996  # DeiT's model_ema_decay
+
+
 @dataclass
 class Training:
-    """What a supertraining loop steps: optimizer, per-step schedule, task loss and precision."""
+    """What a supertraining loop steps: optimizer, per-step schedule, task loss, precision, and DeiT's extras
+    (mixup/cutmix of each batch, an EMA of the weights)."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -303,9 +308,12 @@ class Training:
     autocast_dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
     clip_grad: float | None = None
+    mixup: Callable | None = None  # timm.data.Mixup: (images, labels) -> (mixed images, soft targets)
+    ema: nn.Module | None = None  # timm.utils.ModelEmaV3; its weights are ``ema.module``
 
     def state_dict(self) -> dict:
-        """Optimizer, schedule and scaler state, for exact resumption."""
+        """Optimizer, schedule and scaler state, for exact resumption (the EMA's weights, ``ema.module``, are a
+        model of their own: save them as one)."""
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -320,11 +328,39 @@ class Training:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def make_training(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> Training:
-    """AdamW with `param_groups`, a per-step `warmup_cosine` schedule over ``cfg.epochs``, the task loss, and
-    mixed precision on CUDA (bf16 where supported, else fp16 with a gradient scaler)."""
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+def scaled_lr(cfg: TrainConfig, global_batch: int) -> float:
+    """``cfg.lr``, scaled linearly from ``cfg.lr_batch`` to ``global_batch`` images per step (DeiT's rule)."""
+    return cfg.lr * global_batch / cfg.lr_batch if cfg.lr_batch else cfg.lr
+
+
+def make_training(
+    model: nn.Module,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+    device: str | torch.device,
+    num_classes: int,
+    world_size: int = 1,
+) -> Training:
+    """Everything a training loop steps, from a preset's `TrainConfig`.
+
+    AdamW with `param_groups` at `scaled_lr`, a per-step `warmup_cosine` schedule over ``cfg.epochs``; mixup and
+    cutmix with soft-target cross-entropy when either alpha is set (label smoothing folded into the targets),
+    else cross-entropy with label smoothing; an EMA of the weights with ``cfg.model_ema``; mixed precision on
+    CUDA (bf16 where supported, else fp16 with a gradient scaler).
+    """
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.utils import ModelEmaV3
+
+    lr = scaled_lr(cfg, cfg.batch_size * world_size)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr)
     schedule = warmup_cosine(int(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=num_classes
+        )
+    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     autocast_dtype, scaler = None, None
     if torch.device(device).type == "cuda":
         autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -333,10 +369,12 @@ def make_training(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, devi
     return Training(
         optimizer,
         torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        criterion,
         autocast_dtype,
         scaler,
         cfg.clip_grad,
+        mixup,
+        ModelEmaV3(model, decay=EMA_DECAY) if cfg.model_ema else None,
     )
 
 
@@ -357,7 +395,7 @@ def train_one_epoch(
     training: Training,
     on_step: Callable[[int], None] | None = None,
 ) -> EpochStats:
-    """Run `supertrain_step` on every batch, stepping the schedule after each.
+    """Run `supertrain_step` on every batch (mixed first, with mixup/cutmix), then step the schedule and the EMA.
 
     Args:
         model: The (possibly DDP-wrapped) `SuperViT`, put in training mode here.
@@ -375,6 +413,10 @@ def train_one_epoch(
         if on_step is not None:
             on_step(step)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        images += len(y)
+        if training.mixup is not None:
+            # One mixed batch for every role: the distilled roles learn from the full model's output on it.
+            x, y = training.mixup(x, y)
         losses = supertrain_step(
             model,
             x,
@@ -387,7 +429,8 @@ def train_one_epoch(
             training.clip_grad,
         )
         training.scheduler.step()
-        images += len(y)
+        if training.ema is not None:
+            training.ema.update(getattr(model, "module", model))
         steps += 1
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v

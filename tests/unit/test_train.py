@@ -218,7 +218,7 @@ def test_training_loop_pieces():
     arch = get_arch("tiny")
     cfg = get_preset("tiny").train
     model = SuperViT(arch, num_classes=4)
-    training = make_training(model, cfg, steps_per_epoch=10, device="cpu")
+    training = make_training(model, cfg, steps_per_epoch=10, device="cpu", num_classes=4)
     decay, no_decay = training.optimizer.param_groups
     assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and model.cls_token in no_decay["params"]
@@ -353,3 +353,32 @@ def test_per_role_updates_through_a_grad_scaler_match_plain_updates():
             supertrain_step(model, x, y, sampler.sample(), opt, scaler=scaler, clip_grad=1.0)
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-5)
+
+
+def test_deit_recipe_mixes_each_batch_once_for_every_role_and_keeps_an_ema():
+    import dataclasses
+
+    from timm.loss import SoftTargetCrossEntropy
+
+    from supervit.train import scaled_lr
+
+    torch.manual_seed(0)
+    arch = get_arch("tiny")
+    deit = dataclasses.replace(get_preset("deit_s").train, batch_size=8, epochs=1, warmup_epochs=0)
+    assert scaled_lr(deit, 1024) == pytest.approx(1e-3) and scaled_lr(get_preset("tiny").train, 1024) == 1e-3
+    model = SuperViT(arch, num_classes=4)
+    training = make_training(model, deit, steps_per_epoch=2, device="cpu", num_classes=4, world_size=2)
+    assert training.optimizer.param_groups[0]["initial_lr"] == pytest.approx(5e-4 * 16 / 512)  # global batch 16
+    assert isinstance(training.criterion, SoftTargetCrossEntropy) and training.ema is not None
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 4, (8,))
+    original = x.clone()  # timm mixes in place
+    ema_before = [p.clone() for p in training.ema.module.parameters()]
+    stats = train_one_epoch(model, [(x, y)], SubnetSampler(arch, seed=0), training)
+    assert len(seen) == 4 and all(torch.equal(s, seen[0]) for s in seen)  # every role, the same mixed batch
+    assert not torch.equal(seen[0], original)  # ... mixed (mixup or cutmix)
+    assert stats.images == 8 and all(v == v for v in stats.losses.values())
+    moved = [not torch.equal(a, b) for a, b in zip(ema_before, training.ema.module.parameters(), strict=True)]
+    assert any(moved)  # the EMA followed the update
+    assert set(training.ema.module.state_dict()) == set(model.state_dict())  # a SuperViT of its own
