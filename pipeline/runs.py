@@ -61,7 +61,8 @@ def resolve_tracking_uri(uri: str | None) -> str:
 
 
 def check_mlflow(uri: str, timeout: float = 5.0) -> None:
-    """Fail early, with one clear line, when the tracking store cannot be reached or written."""
+    """Fail early, with one clear line, when the tracking store cannot be reached or written, or when a tracking
+    server refuses the login given by MLflow's ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
@@ -70,10 +71,42 @@ def check_mlflow(uri: str, timeout: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise UsageError(f"MLflow server at {uri} is unreachable ({reason})") from None
+        _check_mlflow_login(uri, timeout)
     elif uri.startswith("sqlite:///"):
         parent = Path(uri[len("sqlite:///") :]).parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise UsageError(f"MLflow store {uri}: folder {parent} does not exist or is not writable")
+
+
+def _check_mlflow_login(uri: str, timeout: float) -> None:
+    """One read with this client's login (/health needs none), so a refused login is one line, not a traceback
+    from the first logging call. Statuses other than 401/403 are left to MLflow's own client."""
+    import base64
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    headers = {}
+    if user and password is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"]
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout).close()
+    except urllib.error.HTTPError as e:
+        if e.code == 401 and not headers:
+            raise UsageError(
+                f"MLflow server at {uri} requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            ) from None
+        if e.code == 401:
+            who = f"user {user!r}" if user else "MLFLOW_TRACKING_TOKEN"
+            raise UsageError(
+                f"MLflow server at {uri} refused the login of {who} "
+                "(check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+            ) from None
+        if e.code == 403:
+            raise UsageError(f"MLflow server at {uri}: user {user!r} may not read experiments") from None
+    except (urllib.error.URLError, OSError):
+        pass  # reachable a moment ago (/health); let MLflow's client retry and report
 
 
 def ui_command(uri: str) -> str:
