@@ -36,6 +36,11 @@ Search and evaluation (deterministic order)::
     # in each trial:
     for batch in ds.iter_torch_batches(batch_size=256, collate_fn=BadImages(cap)): ...
 
+Resources: decode tasks take 1 CPU each (``remote_args`` changes that) and no GPU. They only run on CPUs the
+training workers leave free: on a node whose CPUs the workers hold entirely, nothing decodes and the epoch
+never starts; give workers fewer CPUs (``ScalingConfig(resources_per_worker=...)``) or add CPU-only nodes.
+Ray Train replaces each dataset's execution options with the `data_config` ones (object-store cap).
+
 The in-memory sets (digits, synthetic: `supervit.data.TensorData`) keep their DataLoader path; these
 functions refuse them.
 """
