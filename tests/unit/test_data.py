@@ -1,16 +1,38 @@
-"""Datasets: digits, synthetic, ImageNet-style folders, Parquet, and the errors on bad input."""
+"""Datasets: digits, synthetic, ImageNet-style folders, Parquet (local and bucket URIs), decoding of real
+photo formats, timm transforms, balanced subsets, and the errors on bad input."""
 
 import io
 import pickle
+from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
+from helpers import FORMATS, TINY_SIZE, encode, expected, photo_crop, write_photo_dataset
 from supervit.config import get_arch
-from supervit.data import DataError, Splits, digits, image_folder, load_data, parquet, synthetic, verify
+from supervit.data import (
+    DEIT_AUGMENT,
+    Augment,
+    DataError,
+    ImageFiles,
+    ParquetRows,
+    Splits,
+    balanced_subset,
+    build_transform,
+    decode_image,
+    digits,
+    image_folder,
+    load_data,
+    load_image,
+    parquet,
+    redact,
+    synthetic,
+    verify,
+)
 
 TINY = get_arch("tiny")
 DEIT_TI = get_arch("deit_ti")
@@ -259,3 +281,221 @@ def test_unknown_spec(tmp_path):
         load_data(str(tmp_path / "imagenet"), TINY)
     with pytest.raises(DataError, match="unknown dataset"):
         load_data("cifar10", TINY)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return photo_crop(1, np.random.default_rng(0), (80, 60))
+
+
+def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
+    assert a.size == b.size
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean())
+
+
+@pytest.mark.parametrize("fmt", [f for f, _ in FORMATS])
+def test_decode_every_format(photo, fmt):
+    data = encode(photo, fmt)
+    rgb = decode_image(data, 3)
+    assert rgb.mode == "RGB"
+    # Lossy formats (JPEG, WebP, GIF's palette) stay within a few grey levels of the source on average.
+    assert mean_abs_diff(rgb, expected(photo, fmt)) < 6, fmt
+    grey = decode_image(data, 1)
+    assert grey.mode == "L" and grey.size == rgb.size
+    assert mean_abs_diff(grey, expected(photo, fmt).convert("L")) < 6, fmt
+
+
+def test_decode_fixes_what_plain_pil_gets_wrong(photo):
+    # What a plain `Image.open(f).convert("RGB")` does with these files, and why decode_image exists.
+    raw = {f: Image.open(io.BytesIO(encode(photo, f))) for f in ("png_16bit_gray", "png_rgba", "jpeg_exif_rotated")}
+    assert raw["png_16bit_gray"].mode.startswith("I")
+    assert mean_abs_diff(raw["png_16bit_gray"].convert("RGB"), expected(photo, "png_16bit_gray")) > 100  # clipped
+    assert mean_abs_diff(raw["png_rgba"].convert("RGB"), expected(photo, "png_rgba")) > 30  # alpha dropped
+    assert raw["jpeg_exif_rotated"].size == photo.size[::-1]  # on its side
+    assert decode_image(encode(photo, "jpeg_exif_rotated")).size == photo.size
+    assert decode_image(encode(photo, "tiny")).size == TINY_SIZE
+
+
+def test_decode_errors(photo):
+    good = encode(photo, "jpeg_rgb")
+    for data, why in ((None, "null"), (b"", "cannot decode"), (b"GIF89a junk", "cannot decode")):
+        with pytest.raises(DataError, match=why):
+            decode_image(data)
+    with pytest.raises(DataError, match="truncated|cannot decode"):
+        decode_image(good[: len(good) // 2])
+
+
+@pytest.mark.parametrize("fmt", ["tiny", "png_16bit_rgb", "jpeg_cmyk"])
+@pytest.mark.parametrize("arch", [TINY, DEIT_TI], ids=["tiny", "deit_ti"])
+def test_load_image_any_format_any_size(photo, fmt, arch):
+    data = encode(photo, fmt)
+    for train, aug in ((False, None), (True, None), (True, DEIT_AUGMENT)):
+        x = load_image(data, arch.img_size, arch.in_chans, train, aug)
+        assert x.dtype == torch.float32 and x.shape == (arch.in_chans, arch.img_size, arch.img_size)
+        assert torch.isfinite(x).all()
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+
+def names(transform) -> list[str]:
+    return [type(t).__name__ for t in transform.transforms]
+
+
+def test_build_transform_light_and_deit():
+    light = build_transform(DEIT_TI, train=True)
+    assert names(light) == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "MaybeToTensor", "Normalize"]
+    assert str(light.transforms[0].interpolation).lower().endswith("bicubic")
+    deit = build_transform(DEIT_TI, True, aug=DEIT_AUGMENT.aug, reprob=DEIT_AUGMENT.reprob)
+    assert "RandAugment" in names(deit) and names(deit)[-1] == "RandomErasing"
+    assert deit.transforms[-1].probability == 0.25 and deit.transforms[-1].mode == "pixel"
+    ra = deit.transforms[names(deit).index("RandAugment")]
+    assert ra.num_layers == 2 and len(ra.ops) == 15 and ra.ops[0].magnitude == 9  # rand-m9-mstd0.5-inc1
+    ev = build_transform(DEIT_TI, train=False)
+    assert names(ev) == ["Resize", "CenterCrop", "MaybeToTensor", "Normalize"]
+    assert ev.transforms[0].size == 256 and str(ev.transforms[0].interpolation).lower().endswith("bicubic")
+    assert build_transform(TINY, train=False).transforms[0].size == 18  # 16 * 256 / 224, floored
+    norm = build_transform(TINY, train=False).transforms[-1]
+    assert norm.mean.shape == (1,) and abs(float(norm.mean[0]) - 0.449) < 1e-3  # ImageNet's, averaged
+    with pytest.raises(DataError, match="augmentation.*rand-m9"):
+        build_transform(DEIT_TI, True, aug="bogus")
+    assert names(build_transform(DEIT_TI, True, aug="none")) == names(light)
+
+
+def test_randaugment_posterize_to_zero_bits_does_not_fail(photo):
+    # Magnitude 10 (which rand-m9-mstd0.5 samples ~2% of the time) asks PosterizeIncreasing for 0 bits.
+    from timm.data import create_transform
+
+    raw = create_transform(32, is_training=True, auto_augment="rand-m10-mstd0-inc1")
+    op = next(o for o in raw.transforms[2].ops if o.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    with pytest.raises(ValueError, match="bits"):  # timm 1.0 on Pillow >= 11, unpatched
+        op(photo)
+    ours = build_transform(DEIT_TI, True, aug="rand-m10-mstd0-inc1")
+    op = next(o for o in ours.transforms[names(ours).index("RandAugment")].ops if o.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    assert np.asarray(op(photo)).max() == 0  # black, as TensorFlow's RandAugment gives
+    aa = build_transform(DEIT_TI, True, aug="v0")  # AutoAugment's policies get the same op
+    assert all(
+        o.aug_fn.__module__ == "supervit.data" for sub in aa.transforms[2].policy for o in sub if "Posterize" in o.name
+    )
+
+
+def test_eval_transform_is_deterministic_train_is_not(photo):
+    data = encode(photo, "jpeg_rgb")
+    a, b = (load_image(data, 32, 3, False) for _ in range(2))
+    assert torch.equal(a, b)
+    views = [load_image(data, 32, 3, True, DEIT_AUGMENT) for _ in range(4)]
+    assert not all(torch.equal(views[0], v) for v in views[1:])
+
+
+# ---------------------------------------------------------------------------------------------- real photos
+
+
+@pytest.fixture(scope="module")
+def photo_data(tmp_path_factory):
+    return write_photo_dataset(tmp_path_factory.mktemp("photos"), num_classes=3, train_per_class=10, val_per_class=4)
+
+
+def test_photo_folder_every_item_decodes(photo_data):
+    folder, pq_dir = photo_data
+    for arch in (TINY, DEIT_TI):
+        s = load_data(str(folder), arch)
+        assert isinstance(s.train, ImageFiles) and s.num_classes == 3
+        assert (len(s.train) + len(s.search), len(s.test)) == (30, 12)
+        exts = {p.rsplit(".", 1)[1] for p in s.train.paths + s.search.paths}
+        assert exts == {"jpg", "png", "gif", "webp"}
+        for ds in (s.train, s.search, s.test):
+            x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=len(ds))))
+            assert x.shape == (len(ds), arch.in_chans, arch.img_size, arch.img_size) and torch.isfinite(x).all()
+            assert y.tolist() == ds.targets
+
+
+def test_parquet_twin_holds_an_index_only(photo_data):
+    folder, pq_dir = photo_data
+    s = load_data(str(pq_dir), DEIT_TI)
+    assert isinstance(s.train, ParquetRows) and s.num_classes == 3
+    assert (len(s.train) + len(s.search), len(s.test)) == (30, 12)
+    assert Counter(s.train.targets + s.search.targets) == {0: 10, 1: 10, 2: 10}
+    encoded = sum(f.stat().st_size for f in pq_dir.glob("*.parquet"))
+    # The dataset that travels to every worker holds references, not the images.
+    assert len(pickle.dumps(s.train)) < encoded / 10
+    assert not hasattr(s.train, "blobs")
+    x, y = next(iter(torch.utils.data.DataLoader(s.test, batch_size=len(s.test))))
+    assert x.shape == (12, 3, 224, 224) and y.tolist() == s.test.targets
+    # Reading an item reads its row group (8 rows here), and the next item of that group costs nothing.
+    ds = s.test
+    assert ds.files[ds.file_index[0]].row_group_starts == [0, 8]
+    ds[0]
+    assert ds._cache[0] == (int(ds.file_index[0]), 0) and len(ds._cache[1]) == 8
+
+
+def test_file_uri_lists_and_reads(photo_data, tree, tmp_path):
+    folder, pq_dir = photo_data
+    s = load_data(f"file://{folder}", TINY)
+    plain = load_data(str(folder), TINY)
+    assert s.name == f"imagefolder:file://{folder}"
+    assert s.train.sources == [f"file://{p}" for p in plain.train.paths]
+    assert s.search.targets == plain.search.targets
+    check_item(s.train, TINY, 3)
+    for spec in (f"file://{pq_dir}", f"file://{pq_dir}/train-*.parquet", f"file://{pq_dir}/**/*.parquet"):
+        p = load_data(spec, TINY)
+        assert isinstance(p.train, ParquetRows) and p.name == f"parquet:{spec}"
+        assert all(f.startswith(f"file://{pq_dir}/") for f, _ in p.train.sources)
+        check_item(p.train, TINY, 1)
+    assert len(load_data(f"file://{pq_dir}/train-*.parquet", TINY).test) == 6  # one pool: 20% of 30
+    with pytest.raises(DataError, match="does not exist"):
+        image_folder(f"file://{tmp_path}/nope", TINY)
+    with pytest.raises(DataError, match="no parquet files match"):
+        load_data(f"file://{pq_dir}/nothing-*.parquet", TINY)
+    bad = tree / "val" / "dog" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    t = load_data(f"file://{tree}", TINY)
+    with pytest.raises(DataError, match=f"file://{bad}"):
+        t.test[t.test.paths.index(str(bad))]
+
+
+def test_redact_credentials():
+    assert redact("s3://AKIA:secret@bucket/x?endpoint_override=h:1") == "s3://***@bucket/x?endpoint_override=h:1"
+    assert redact("/data/imagenet") == "/data/imagenet"
+
+
+def test_subset_and_with_augment(photo_data):
+    folder, pq_dir = photo_data
+    for spec in (folder, pq_dir):
+        s = load_data(str(spec), TINY)
+        idx = [4, 0, 7]
+        sub = s.search.subset(idx) if len(s.search) > 7 else s.train.subset(idx)
+        src = s.search if len(s.search) > 7 else s.train
+        assert sub.sources == [src.sources[i] for i in idx] and sub.targets == [src.targets[i] for i in idx]
+        assert torch.equal(sub.with_augment(train=False)[1][0], src.with_augment(train=False)[0][0])
+        deit = s.train.with_augment(DEIT_AUGMENT)
+        assert deit.augment == DEIT_AUGMENT and s.train.augment == Augment() and deit.train
+    d = digits(TINY).search.subset([3, 1])
+    assert d.targets == [digits(TINY).search.targets[i] for i in (3, 1)]
+
+
+# ---------------------------------------------------------------------------------------------- balanced subset
+
+
+def test_balanced_subset():
+    targets = [0] * 50 + [1] * 30 + [2] * 5 + [3] * 15
+    pick = balanced_subset(targets, 40, seed=0)
+    assert pick == sorted(set(pick)) and len(pick) == 40
+    counts = Counter(targets[i] for i in pick)
+    assert counts[2] == 5  # a small class gives all it has; the others share the rest evenly
+    assert sorted(counts[c] for c in (0, 1, 3)) == [11, 12, 12]
+    assert balanced_subset(targets, 40, seed=0) == pick  # deterministic
+    assert balanced_subset(targets, 40, seed=1) != pick
+    even = Counter(targets[i] for i in balanced_subset(targets, 18, seed=3))
+    assert max(even.values()) - min(even.values()) <= 1 and len(even) == 4
+    assert balanced_subset(targets, 1000) == list(range(100))
+    assert balanced_subset(targets, 0) == []
+    before = list(targets)
+    balanced_subset(targets, 10, seed=5)
+    assert targets == before  # pure
+    with pytest.raises(ValueError):
+        balanced_subset(targets, -1)

@@ -1,0 +1,378 @@
+"""Streaming input on Ray Data for file-backed splits (`supervit.data.ImageFiles`, `supervit.data.ParquetRows`).
+
+A split holds an index (paths, or Parquet (file, row) references, and labels); this module turns it into a
+``ray.data.Dataset`` whose rows are ready for ``iter_torch_batches``::
+
+    {"image": float32 (C, H, W), normalised, "label": int64, "source": str, "error": str}
+
+Reading, decoding and augmenting run as Ray Data tasks (1 CPU each, no GPU: CPU-only nodes can do them), so a
+process's memory is bounded by Ray Data's buffers and the batches in flight, never by the dataset.
+An image that cannot be read or decoded does not stop the pipeline: its row keeps a zero image, label -1 and
+``error = "<file>: <reason>"``. `BadImages` (the ``collate_fn`` every consumer passes) drops such rows,
+warns once per file, counts them, and past its cap raises `supervit.data.DataError` naming every file.
+
+Training (Ray Train)::
+
+    from pipeline.data import BadImages, data_config, train_dataset
+
+    ds = train_dataset(splits.train, augment=DEIT_AUGMENT, repeated_aug=3)
+    trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=data_config(), ...)
+
+    # in the worker, each epoch (each iteration re-runs the pipeline: new order, new augmentation):
+    bad = BadImages(cap=opts.max_bad_images)            # one per worker, kept across epochs
+    shard = ray.train.get_dataset_shard("train")
+    for batch in shard.iter_torch_batches(batch_size=B, drop_last=True, collate_fn=bad):
+        x, y = batch["image"], batch["label"]          # on the worker's device; a batch may be short
+    mlflow metric: bad.count                           # files skipped so far (unique)
+
+Every epoch yields exactly ``len(split)`` rows (split evenly across workers by Ray Train), with
+``repeated_aug=k`` too: then ``ceil(n / k)`` images, each ``k`` times with independent augmentation (DeiT's
+repeated augmentation; the copies sit next to each other, so they share a batch).
+
+Search and evaluation (deterministic order)::
+
+    ds = eval_dataset(splits.search.subset(balanced_subset(splits.search.targets, 10_000, seed=0)))
+    ds = ds.materialize()      # once, in the object store, if it fits; else pass the lazy dataset
+    # in each trial:
+    for batch in ds.iter_torch_batches(batch_size=256, collate_fn=BadImages(cap)): ...
+
+Resources: decode tasks take 1 CPU each (``remote_args`` changes that) and no GPU. They only run on CPUs the
+training workers leave free: on a node whose CPUs the workers hold entirely, nothing decodes and the epoch
+never starts; give workers fewer CPUs (``ScalingConfig(resources_per_worker=...)``) or add CPU-only nodes.
+Ray Train replaces each dataset's execution options with the `data_config` ones (object-store cap).
+
+The in-memory sets (digits, synthetic: `supervit.data.TensorData`) keep their DataLoader path; these
+functions refuse them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from supervit.data import Augment, DataError, FileImages, ImageFiles, ParquetRows, load_image
+
+__all__ = ["train_dataset", "eval_dataset", "BadImages", "data_config", "ROWS_PER_TASK"]
+
+ROWS_PER_TASK = 64  # images per decode task: ~0.4 s of work at 224 px, a ~40 MB output block
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ in Ray tasks
+
+
+def _decode_rows(rows, make_bytes, names, labels, img_size, in_chans, train, augment) -> dict[str, np.ndarray]:
+    """Decode + transform items into one output batch; failures become flagged rows, never exceptions."""
+    n = len(rows)
+    images = np.zeros((n, in_chans, img_size, img_size), np.float32)
+    errors = [""] * n
+    last_key, last_data, last_err = None, None, ""
+    for i, key in enumerate(rows):
+        # Repeated augmentation sends an item k times in a row: read it once, augment each copy anew.
+        if key != last_key:
+            last_key, last_err = key, ""
+            try:
+                last_data = make_bytes(key)
+            except Exception as e:  # an unreadable file (deleted, no permission) is a bad image too
+                last_err = f"cannot read: {type(e).__name__}: {e}"
+        if last_err:
+            errors[i] = f"{names[i]}: {last_err}"
+            continue
+        try:
+            images[i] = load_image(last_data, img_size, in_chans, train, augment).numpy()
+        except Exception as e:  # any decoder failure (PIL raises many kinds) skips the image, never the run
+            errors[i] = f"{names[i]}: {str(e).removeprefix('cannot decode image: ') or type(e).__name__}"
+    label = np.asarray(labels, np.int64).copy()
+    bad = np.array([bool(e) for e in errors])
+    label[bad] = -1
+    return {
+        "image": images,
+        "label": label,
+        "source": np.asarray(names, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+def _decode_files(batch: dict, storage, img_size, in_chans, train, augment) -> dict[str, np.ndarray]:
+    paths = [str(p) for p in batch["path"]]
+    names = [storage.name(p) for p in paths]
+    return _decode_rows(paths, storage.read, names, batch["label"], img_size, in_chans, train, augment)
+
+
+def _decode_row_groups(batch: dict, reader, img_size, in_chans, train, augment, rows_out) -> Iterator[dict]:
+    """One input row per Parquet row-group chunk: read the row group once, yield decoded sub-batches (a task
+    holds one row group of encoded bytes and ``rows_out`` decoded images, however big the row group)."""
+    for file, rg, start, rows, labels in zip(
+        batch["file"], batch["row_group"], batch["start"], batch["rows"], batch["labels"], strict=True
+    ):
+        file, rg, start = int(file), int(rg), int(start)
+        rows = np.asarray(rows, np.int64)
+        try:
+            blobs, err = reader.read(file, rg), None
+        except Exception as e:
+            blobs, err = None, e
+        names = [reader.where(file, int(r)) for r in rows]
+
+        def get(row: int, blobs=blobs, err=err, start=start):
+            if err is not None:
+                raise err
+            return blobs[row - start]
+
+        for i in range(0, len(rows), rows_out):
+            part = slice(i, i + rows_out)
+            yield _decode_rows(
+                [int(r) for r in rows[part]], get, names[part], labels[part], img_size, in_chans, train, augment
+            )
+
+
+def _permute_items(table, repeats: int) -> Iterator:
+    """A fresh permutation of the item index at every execution (= every epoch). With ``repeats`` k > 1:
+    the first ceil(n / k) items of it, each k times in a row, cut to n rows."""
+    rng = np.random.default_rng()  # OS entropy: a new order each time Ray Data re-runs the pipeline
+    n = table.num_rows
+    order = rng.permutation(n)
+    if repeats > 1:
+        order = np.repeat(order[: -(-n // repeats)], repeats)[:n]
+    yield table.take(order)
+
+
+def _permute_chunks(table, repeats: int) -> Iterator:
+    """Parquet: a fresh order of row-group chunks and of the rows inside each; with ``repeats`` k > 1, the
+    first ceil(n / k) rows of that order, each k times in a row, so the epoch still has exactly n rows."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng()
+    rows, labels = table.column("rows").to_pylist(), table.column("labels").to_pylist()
+    n = sum(len(r) for r in rows)
+    need = -(-n // repeats)
+    out = {"file": [], "row_group": [], "start": [], "rows": [], "labels": []}
+    total = 0
+    for c in rng.permutation(table.num_rows):
+        p = rng.permutation(len(rows[c]))[:need]
+        need -= len(p)
+        r = np.repeat(np.asarray(rows[c], np.int64)[p], repeats)
+        lab = np.repeat(np.asarray(labels[c], np.int64)[p], repeats)
+        keep = min(len(r), n - total)
+        total += keep
+        for k in ("file", "row_group", "start"):
+            out[k].append(table.column(k)[int(c)].as_py())
+        out["rows"].append(r[:keep].tolist())
+        out["labels"].append(lab[:keep].tolist())
+        if need <= 0:
+            break
+    yield pa.table(out, schema=table.schema)
+
+
+# ------------------------------------------------------------------------------------------ index tables
+
+
+def _file_index(split: ImageFiles):
+    import pyarrow as pa
+
+    return pa.table({"path": pa.array(split.paths, pa.string()), "label": pa.array(split.targets, pa.int64())})
+
+
+def _chunk_index(split: ParquetRows):
+    """One row per (file, row group) the split touches, with the split's rows of it (file row numbers) in
+    item order; chunks in item order."""
+    import pyarrow as pa
+
+    keys: dict[tuple[int, int], int] = {}
+    out = {"file": [], "row_group": [], "start": [], "rows": [], "labels": []}
+    for f, r, t in zip(split.file_index.tolist(), split.rows.tolist(), split.targets, strict=True):
+        meta = split.files[f]
+        rg = meta.row_group(r)
+        c = keys.get((f, rg))
+        if c is None:
+            c = keys[(f, rg)] = len(out["file"])
+            out["file"].append(f)
+            out["row_group"].append(rg)
+            out["start"].append(meta.row_group_starts[rg])
+            out["rows"].append([])
+            out["labels"].append([])
+        out["rows"][c].append(r)
+        out["labels"][c].append(t)
+    schema = pa.schema(
+        [
+            ("file", pa.int32()),
+            ("row_group", pa.int32()),
+            ("start", pa.int64()),
+            ("rows", pa.list_(pa.int64())),
+            ("labels", pa.list_(pa.int64())),
+        ]
+    )
+    return pa.table(out, schema=schema)
+
+
+def _check(split) -> None:
+    if not isinstance(split, FileImages):
+        raise TypeError(
+            f"{type(split).__name__} is not file-backed: in-memory sets (digits, synthetic) use a DataLoader"
+        )
+    if len(split) == 0:
+        raise DataError("the split is empty")
+
+
+def _decode_op(ds, split: FileImages, train: bool, augment: Augment, rows_per_task: int, remote_args: dict):
+    shape = dict(img_size=split.img_size, in_chans=split.in_chans, train=train, augment=augment)
+    args = {"num_cpus": 1, **remote_args}
+    if isinstance(split, ParquetRows):
+        kw = dict(reader=split.reader, rows_out=rows_per_task, **shape)
+        return ds.map_batches(_decode_row_groups, batch_size=1, fn_kwargs=kw, **args)
+    kw = dict(storage=split.storage, **shape)
+    return ds.map_batches(_decode_files, batch_size=rows_per_task, fn_kwargs=kw, **args)
+
+
+# ------------------------------------------------------------------------------------------ public
+
+
+def train_dataset(
+    split: FileImages,
+    augment: Augment | None = None,
+    repeated_aug: int = 1,
+    rows_per_task: int = ROWS_PER_TASK,
+    remote_args: dict | None = None,
+):
+    """The training pipeline of a file-backed split: a new order and new augmentation at every iteration.
+
+    Args:
+        split: `ImageFiles` or `ParquetRows` (its ``img_size``/``in_chans`` give the output shape).
+        augment: Train augmentation (`supervit.data.Augment`); default: the split's own.
+        repeated_aug: k >= 1: each epoch takes ceil(n / k) images, each k times with its own augmentation;
+            an epoch has n rows either way (DeiT: 3).
+        rows_per_task: Images per decode task (and per output block).
+        remote_args: Extra Ray options for the decode tasks, e.g. ``{"resources": {"cpu_node": 0.01}}`` to keep
+            decoding on CPU-only nodes, or ``{"num_cpus": 0.5}``.
+
+    Returns:
+        A lazy ``ray.data.Dataset`` of ``len(split)`` rows per iteration, for ``TorchTrainer(datasets=...)``.
+        Parquet is shuffled by row group and within it: shards written in random order (as Hugging Face's)
+        need nothing more; class-sorted shards want ``iter_torch_batches(local_shuffle_buffer_size=...)``.
+    """
+    import ray.data
+
+    _check(split)
+    if repeated_aug < 1:
+        raise ValueError(f"repeated_aug must be >= 1, got {repeated_aug}")
+    augment = augment or split.augment
+    # The index is one small block; permuting it is one short task per epoch (no all-to-all shuffle), and
+    # the streaming repartition after it cuts the permuted index into decode-task-sized blocks.
+    if isinstance(split, ParquetRows):
+        ds = ray.data.from_arrow(_chunk_index(split))
+        ds = ds.map_batches(
+            _permute_chunks, batch_size=None, batch_format="pyarrow", fn_kwargs={"repeats": repeated_aug}, num_cpus=0.1
+        )
+        ds = ds.repartition(target_num_rows_per_block=1)
+    else:
+        ds = ray.data.from_arrow(_file_index(split))
+        ds = ds.map_batches(
+            _permute_items, batch_size=None, batch_format="pyarrow", fn_kwargs={"repeats": repeated_aug}, num_cpus=0.1
+        )
+        ds = ds.repartition(target_num_rows_per_block=rows_per_task)
+    return _decode_op(ds, split, True, augment, rows_per_task, remote_args or {})
+
+
+def eval_dataset(split: FileImages, rows_per_task: int = ROWS_PER_TASK, remote_args: dict | None = None):
+    """The evaluation pipeline of a file-backed split: eval transform (resize 256/224, centre crop), items in
+    split order at every iteration (``preserve_order``). ``.materialize()`` it to decode once and keep the
+    result in the object store (float32: ~0.6 MB per 224-px image); iterate it lazily when it does not fit.
+    """
+    import ray.data
+
+    _check(split)
+    if isinstance(split, ParquetRows):
+        index = _chunk_index(split)
+        ds = ray.data.from_arrow(index, override_num_blocks=index.num_rows)
+    else:
+        index = _file_index(split)
+        ds = ray.data.from_arrow(index, override_num_blocks=math.ceil(index.num_rows / rows_per_task))
+    ds = _decode_op(ds, split, False, Augment(), rows_per_task, remote_args or {})
+    ds.context.execution_options.preserve_order = True  # this dataset's own context copy
+    return ds
+
+
+def data_config(object_store_memory: int | None = None, datasets_to_split: str | list[str] = "all"):
+    """``TorchTrainer(dataset_config=...)``: Ray Train replaces a dataset's execution options with these, so
+    a cap on the input pipeline's object-store use (bytes; default: Ray Data's share of the store) goes here.
+    """
+    import ray.train
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources
+
+    base = DataContext.get_current().execution_options
+    limits = base.resource_limits
+    if object_store_memory is not None:
+        limits = ExecutionResources(cpu=limits.cpu, gpu=limits.gpu, object_store_memory=object_store_memory)
+    options = ExecutionOptions(resource_limits=limits, exclude_resources=base.exclude_resources)
+    return ray.train.DataConfig(datasets_to_split=datasets_to_split, execution_options=options)
+
+
+class BadImages(NumpyBatchCollateFn):
+    """``collate_fn`` for ``iter_torch_batches``: drops the rows of undecodable images, warns once per file,
+    and raises past ``cap`` distinct files.
+
+    Returns ``{"image": float32 tensor, "label": int64 tensor}`` (Ray moves it to the device). Keep one per
+    consumer across epochs: a file seen again is not counted again.
+
+    Attributes:
+        names: The skipped files with the reason, in the order first seen.
+        count: ``len(names)`` (log it: an MLflow metric).
+        rows: Rows dropped so far (a file counts once per time it was met).
+    """
+
+    def __init__(self, cap: int = 10, warn: Callable[[str], None] | None = None):
+        super().__init__()
+        if cap < 0:
+            raise ValueError(f"cap must be >= 0, got {cap}")
+        self.cap = cap
+        self.warn = warn or log.warning
+        self.names: list[str] = []
+        self.rows = 0
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()  # Ray collates prefetched batches on several threads
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        image, label = batch["image"], batch["label"]
+        errors = batch.get("error")
+        bad = np.array([bool(e) for e in errors]) if errors is not None else np.zeros(len(label), bool)
+        if bad.any():
+            sources = batch.get("source")
+            keys = [str(s) for s in sources[bad]] if sources is not None else [str(e) for e in errors[bad]]
+            self._record(keys, [str(e) for e in errors[bad]])
+            image, label = image[~bad], label[~bad]
+        # Blocks read from the object store are read-only; torch wants to own writable memory.
+        if not image.flags.writeable:
+            image = image.copy()
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "label": torch.tensor(label, dtype=torch.int64)}
+
+    def _record(self, sources: list[str], errors: list[str]) -> None:
+        with self._lock:
+            self.rows += len(errors)
+            for source, error in zip(sources, errors, strict=True):
+                if source not in self._seen:  # one file, one count, whatever the reason said each time
+                    self._seen.add(source)
+                    self.names.append(error)
+                    self.warn(f"skipping undecodable image {error}")
+            if len(self.names) > self.cap:
+                raise DataError(
+                    f"{len(self.names)} undecodable images, more than --max-bad-images {self.cap}: "
+                    + "; ".join(self.names)
+                )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

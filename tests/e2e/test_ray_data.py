@@ -1,0 +1,277 @@
+"""Streaming input on Ray Data (`pipeline.data`): real photo folders and their Parquet twins, local and in a
+local S3-compatible bucket, through the same calls the Ray Train worker and the search make."""
+
+import json
+import socket
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import write_photo_dataset
+from supervit.config import get_arch
+from supervit.data import DEIT_AUGMENT, DataError, ImageFiles, ParquetRows, load_data
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TINY = get_arch("tiny")
+DEIT_TI = get_arch("deit_ti")
+
+
+@pytest.fixture(scope="module")
+def ray_address(request):
+    """The shared test cluster when there is one, else a small local Ray of this module's own."""
+    import ray
+
+    try:
+        yield request.getfixturevalue("ray_session")
+        return
+    except pytest.FixtureLookupError:
+        pass
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, ray_address):
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return write_photo_dataset(tmp_path_factory.mktemp("photos"), num_classes=3, train_per_class=10, val_per_class=4)
+
+
+def epoch(ds, batch_size=8):
+    """(sources, labels, images) of one pass over ``ds``, as the numpy rows Ray Data hands out."""
+    src, lab, img = [], [], []
+    for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        src += [str(s) for s in b["source"]]
+        lab += b["label"].tolist()
+        img.append(b["image"])
+    return src, lab, np.concatenate(img)
+
+
+def names(split) -> list[str]:
+    """The split's items as the pipeline names them."""
+    if isinstance(split, ParquetRows):
+        return [f"{f} row {r}" for f, r in split.sources]
+    return list(split.sources)
+
+
+@pytest.mark.parametrize("kind", ["folder", "parquet"])
+def test_train_batches_shape_dtype_and_coverage(photos, kind):
+    from pipeline.data import BadImages, train_dataset
+
+    s = load_data(str(photos[0] if kind == "folder" else photos[1]), DEIT_TI)
+    assert isinstance(s.train, ImageFiles if kind == "folder" else ParquetRows)
+    ds = train_dataset(s.train, augment=DEIT_AUGMENT)
+    bad = BadImages(cap=0)
+    batches = list(ds.iter_torch_batches(batch_size=8, drop_last=True, collate_fn=bad))
+    assert len(batches) == len(s.train) // 8 and bad.count == 0
+    for b in batches:
+        assert set(b) == {"image", "label"}
+        assert b["image"].shape == (8, 3, 224, 224) and b["image"].dtype == torch.float32
+        assert b["label"].dtype == torch.int64 and 0 <= b["label"].min() and b["label"].max() < 3
+        assert torch.isfinite(b["image"]).all()
+    x = torch.cat([b["image"] for b in batches])
+    assert abs(x.mean().item()) < 1.0 and 0.3 < x.std().item() < 2.0  # normalised, not raw [0, 255]
+    # One epoch is every train item exactly once, with its own label.
+    src, lab, _ = epoch(ds)
+    assert Counter(src) == Counter(names(s.train))
+    assert dict(zip(src, lab, strict=True)) == dict(zip(names(s.train), s.train.targets, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["folder", "parquet"])
+def test_fresh_order_and_augmentation_each_epoch_eval_fixed(photos, kind):
+    from pipeline.data import eval_dataset, train_dataset
+
+    s = load_data(str(photos[0] if kind == "folder" else photos[1]), TINY)
+    ds = train_dataset(s.train)
+    (src1, _, img1), (src2, _, img2) = epoch(ds), epoch(ds)
+    assert sorted(src1) == sorted(src2) and src1 != src2
+    # The same image, augmented anew: random crops of a photo differ.
+    first = {s: x for s, x in zip(src1, img1, strict=True)}
+    same = sum(np.array_equal(first[s], x) for s, x in zip(src2, img2, strict=True))
+    assert same <= len(src1) // 4
+    ev = eval_dataset(s.test)
+    (e1, l1, i1), (e2, _, i2) = epoch(ev, 5), epoch(ev, 3)
+    assert e1 == e2 == names(s.test) and l1 == s.test.targets
+    assert np.array_equal(i1, i2)
+    x, y = s.test[2]  # the map-style dataset and the pipeline agree on the eval transform
+    assert np.allclose(i1[2], x.numpy(), atol=1e-6) and y == l1[2]
+    mat = ev.materialize()
+    assert epoch(mat)[0] == names(s.test)
+
+
+@pytest.mark.parametrize("kind", ["folder", "parquet"])
+def test_repeated_augmentation(photos, kind):
+    from pipeline.data import train_dataset
+
+    s = load_data(str(photos[0] if kind == "folder" else photos[1]), TINY)
+    n = len(s.train)
+    ds = train_dataset(s.train, repeated_aug=3)
+    src, lab, img = epoch(ds)
+    counts = Counter(src)
+    assert len(src) == n  # as many samples per epoch as without
+    assert len(counts) == -(-n // 3) and sorted(counts.values())[1:] == [3] * (len(counts) - 1)
+    # The copies of one image sit together and each has its own augmentation.
+    i = src.index(next(k for k, c in counts.items() if c == 3))
+    assert src[i : i + 3] == [src[i]] * 3 and len(set(lab[i : i + 3])) == 1
+    assert not np.array_equal(img[i], img[i + 1]) or not np.array_equal(img[i + 1], img[i + 2])
+    again = Counter(epoch(ds)[0])
+    assert set(again) != set(counts)  # a different third of the images next epoch
+
+
+def test_bad_images_skipped_counted_named_then_capped(photos, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data import BadImages, eval_dataset, train_dataset
+
+    folder = tmp_path / "folder"
+    shutil.copytree(photos[0], folder)
+    good = (folder / "train" / "class_0" / "000_jpeg_rgb.jpg").read_bytes()
+    bad_files = [folder / "train" / "class_1" / "zz_truncated.jpg", folder / "train" / "class_2" / "zz_garbage.png"]
+    bad_files[0].write_bytes(good[: len(good) // 3])
+    bad_files[1].write_bytes(b"this is not a png")
+    s = load_data(str(folder), TINY, search_fraction=0.0)
+    warned = []
+    bad = BadImages(cap=5, warn=warned.append)
+    ds = train_dataset(s.train)
+    for _ in range(2):
+        rows = sum(len(b["label"]) for b in ds.iter_torch_batches(batch_size=4, collate_fn=bad))
+        assert rows == len(s.train) - 2
+    assert bad.count == 2 and bad.rows == 4  # two files, met once per epoch, counted once
+    assert sorted(n.split(":")[0] for n in bad.names) == sorted(map(str, bad_files))
+    assert len(warned) == 2 and all("skipping undecodable image" in w for w in warned)
+    capped = BadImages(cap=1, warn=lambda _: None)
+    with pytest.raises(DataError) as e:
+        for _ in ds.iter_torch_batches(batch_size=4, collate_fn=capped):
+            pass
+    msg = str(e.value)
+    assert "\n" not in msg and "2 undecodable images, more than --max-bad-images 1" in msg
+    assert all(str(f) in msg for f in bad_files)
+
+    # Parquet: a junk row and a null row in a shard.
+    pq_dir = tmp_path / "pq"
+    shutil.copytree(photos[1], pq_dir)
+    test = pq.read_table(pq_dir / "test-00000-of-00001.parquet")
+    images = test.column("image").to_pylist()
+    images[3], images[9] = b"junk", None
+    pq.write_table(
+        test.set_column(0, "image", pa.array(images, pa.binary())),
+        pq_dir / "test-00000-of-00001.parquet",
+        row_group_size=8,
+    )
+    p = load_data(str(pq_dir), TINY)
+    bad = BadImages(cap=2, warn=lambda _: None)
+    got = [b for b in eval_dataset(p.test).iter_torch_batches(batch_size=5, collate_fn=bad)]
+    assert sum(len(b["label"]) for b in got) == len(p.test) - 2
+    assert [n.split(":")[0] for n in bad.names] == [f"{pq_dir}/test-00000-of-00001.parquet row {r}" for r in (3, 9)]
+    assert "null" in bad.names[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(photos):
+    """The photo dataset uploaded to a local S3-compatible server (moto) on 127.0.0.1; yields a URI maker."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        s3.create_bucket(Bucket="datasets")
+        root = photos[0].parent
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                s3.upload_file(str(f), "datasets", f"photos/{f.relative_to(root)}")
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        yield lambda key: f"s3://testing:testing@datasets/photos/{key}?{query}"
+    finally:
+        server.stop()
+
+
+def test_parquet_and_folder_in_an_s3_bucket(photos, s3_bucket):
+    from pipeline.data import BadImages, eval_dataset, train_dataset
+
+    local = load_data(str(photos[1]), TINY)
+    uri = s3_bucket("parquet")
+    s = load_data(uri, TINY)
+    assert isinstance(s.train, ParquetRows) and "testing:testing" not in s.name and s.name.startswith("parquet:s3://")
+    assert [(f.removeprefix("s3://datasets/photos/"), r) for f, r in s.test.sources] == [
+        (f.removeprefix(f"{photos[1].parent}/"), r) for f, r in local.test.sources
+    ]
+    bad = BadImages(cap=0)
+    src, lab, img = epoch(train_dataset(s.train))
+    assert sorted(src) == sorted(names(s.train)) and img.shape == (len(s.train), 1, 16, 16)
+    batches = list(eval_dataset(s.test).iter_torch_batches(batch_size=6, collate_fn=bad))
+    x = torch.cat([b["image"] for b in batches])
+    y = torch.cat([b["label"] for b in batches])
+    lx = torch.stack([local.test[i][0] for i in range(len(local.test))])
+    assert torch.equal(x, lx) and y.tolist() == local.test.targets  # the bucket's bytes are the local bytes
+    folder = load_data(s3_bucket("folder"), TINY)
+    assert isinstance(folder.train, ImageFiles) and folder.num_classes == 3
+    assert len(folder.test) == 12 and folder.test.sources[0].startswith("s3://datasets/photos/folder/val/class_0/")
+    assert len(epoch(eval_dataset(folder.test))[0]) == 12
+
+
+def test_torch_trainer_shards_fresh_each_epoch(photos, tmp_path):
+    """What the supertraining worker does: TorchTrainer(datasets=...), get_dataset_shard, iter_torch_batches."""
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data import BadImages, data_config, train_dataset
+
+    s = load_data(str(photos[0]), TINY, search_fraction=0.0)
+    out = tmp_path / "seen"
+    out.mkdir()
+
+    def loop(config):
+        rank = ray.train.get_context().get_world_rank()
+        bad = BadImages(cap=0)
+        shard = ray.train.get_dataset_shard("train")
+        for ep in range(2):
+            seen = []
+            for b in shard.iter_torch_batches(batch_size=4, drop_last=True, collate_fn=bad):
+                assert b["image"].shape == (4, 1, 16, 16)
+                seen.append(b["label"].tolist())
+            # Sources are not in the torch batch; the order of labels and the shard's rows tell enough.
+            rows = [str(r) for b in shard.iter_batches(batch_size=None) for r in b["source"]]
+            (out / f"{rank}-{ep}.json").write_text(json.dumps({"labels": seen, "rows": rows}))
+
+    # Train workers take a quarter CPU each so the decode tasks (half a CPU here) fit on this small cluster.
+    ds = train_dataset(s.train, remote_args={"num_cpus": 0.5})
+    TorchTrainer(
+        loop,
+        datasets={"train": ds},
+        dataset_config=data_config(),
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
+        run_config=RunConfig(name="shards", storage_path=str(tmp_path / "runs")),
+    ).fit()
+    seen = {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}
+    assert sorted(seen) == ["0-0", "0-1", "1-0", "1-1"]
+    for k, v in seen.items():
+        assert sum(len(b) for b in v["labels"]) == 4 * (len(s.train) // 2 // 4), k
+    for rank in "01":  # each worker's shard comes in a new order every epoch (here: every pass)
+        assert seen[f"{rank}-0"]["rows"] != seen[f"{rank}-1"]["rows"]
+    for ep in "01":  # the two shards of one pass are disjoint and cover the split (less an uneven remainder)
+        a, b = set(seen[f"0-{ep}"]["rows"]), set(seen[f"1-{ep}"]["rows"])
+        assert not a & b and len(a | b) >= len(s.train) - 1
