@@ -166,7 +166,8 @@ def phase_throughput(a) -> dict:
     (Ray's workers import torch and timm), the median of the others is reported."""
     import torch
 
-    from pipeline.data import BadImages, train_dataset
+    from pipeline.batches import BadImages
+    from pipeline.data import train_dataset
 
     torch.set_num_threads(1)
     _init_ray(a.cpus, a.store_mb)
@@ -198,7 +199,8 @@ def phase_trainer(a) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data import BadImages, data_config, train_dataset
+    from pipeline.batches import BadImages
+    from pipeline.data import data_config, train_dataset
 
     _init_ray(a.cpus + 1, a.store_mb)  # + 1 logical CPU: the two workers' half CPUs
     folder, pq_dir = a.data.split(",")
@@ -231,7 +233,8 @@ def phase_trainer(a) -> dict:
 
 
 def phase_search(a) -> dict:
-    from pipeline.data import BadImages, eval_dataset
+    from pipeline.batches import BadImages
+    from pipeline.data import eval_dataset
 
     _init_ray(a.cpus, a.store_mb)
     s = _splits(a.data, a.search_held_out)

@@ -8,12 +8,13 @@ A split holds an index (paths, or Parquet (file, row) references, and labels); t
 Reading, decoding and augmenting run as Ray Data tasks (1 CPU each, no GPU: CPU-only nodes can do them), so a
 process's memory is bounded by Ray Data's buffers and the batches in flight, never by the dataset.
 An image that cannot be read or decoded does not stop the pipeline: its row keeps a zero image, label -1 and
-``error = "<file>: <reason>"``. `BadImages` (the ``collate_fn`` every consumer passes) drops such rows,
+``error = "<file>: <reason>"``. `pipeline.batches.BadImages` (the ``collate_fn`` every consumer passes) drops such rows,
 warns once per file, counts them, and past its cap raises `supervit.data.DataError` naming every file.
 
 Training (Ray Train)::
 
-    from pipeline.data import BadImages, data_config, train_dataset
+    from pipeline.batches import BadImages
+    from pipeline.data import data_config, train_dataset
 
     ds = train_dataset(splits.train, augment=DEIT_AUGMENT, repeated_aug=3)
     trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=data_config(), ...)
@@ -49,16 +50,14 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
-import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from supervit.data import Augment, DataError, FileImages, ImageFiles, ParquetRows, load_image
 
-__all__ = ["train_dataset", "eval_dataset", "BadImages", "data_config", "ROWS_PER_TASK"]
+__all__ = ["train_dataset", "eval_dataset", "data_config", "ROWS_PER_TASK"]
 
 ROWS_PER_TASK = 64  # images per decode task: ~0.4 s of work at 224 px, a ~40 MB output block
 log = logging.getLogger(__name__)
@@ -67,10 +66,20 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------ in Ray tasks
 
 
-def _decode_rows(rows, make_bytes, names, labels, img_size, in_chans, train, augment) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class _Transform:
+    """What a decode task makes of an image: its size and channels, and the train (augmented) or eval transform."""
+
+    img_size: int
+    in_chans: int
+    train: bool
+    augment: Augment
+
+
+def _decode_rows(rows, make_bytes, names, labels, t: _Transform) -> dict[str, np.ndarray]:
     """Decode + transform items into one output batch; failures become flagged rows, never exceptions."""
     n = len(rows)
-    images = np.zeros((n, in_chans, img_size, img_size), np.float32)
+    images = np.zeros((n, t.in_chans, t.img_size, t.img_size), np.float32)
     errors = [""] * n
     last_key, last_data, last_err = None, None, ""
     for i, key in enumerate(rows):
@@ -85,7 +94,7 @@ def _decode_rows(rows, make_bytes, names, labels, img_size, in_chans, train, aug
             errors[i] = f"{names[i]}: {last_err}"
             continue
         try:
-            images[i] = load_image(last_data, img_size, in_chans, train, augment).numpy()
+            images[i] = load_image(last_data, t.img_size, t.in_chans, t.train, t.augment).numpy()
         except Exception as e:  # any decoder failure (PIL raises many kinds) skips the image, never the run
             errors[i] = f"{names[i]}: {str(e).removeprefix('cannot decode image: ') or type(e).__name__}"
     label = np.asarray(labels, np.int64).copy()
@@ -99,13 +108,13 @@ def _decode_rows(rows, make_bytes, names, labels, img_size, in_chans, train, aug
     }
 
 
-def _decode_files(batch: dict, storage, img_size, in_chans, train, augment) -> dict[str, np.ndarray]:
+def _decode_files(batch: dict, storage, transform: _Transform) -> dict[str, np.ndarray]:
     paths = [str(p) for p in batch["path"]]
     names = [storage.name(p) for p in paths]
-    return _decode_rows(paths, storage.read, names, batch["label"], img_size, in_chans, train, augment)
+    return _decode_rows(paths, storage.read, names, batch["label"], transform)
 
 
-def _decode_row_groups(batch: dict, reader, img_size, in_chans, train, augment, rows_out) -> Iterator[dict]:
+def _decode_row_groups(batch: dict, reader, transform: _Transform, rows_out: int) -> Iterator[dict]:
     """One input row per Parquet row-group chunk: read the row group once, yield decoded sub-batches (a task
     holds one row group of encoded bytes and ``rows_out`` decoded images, however big the row group)."""
     for file, rg, start, rows, labels in zip(
@@ -126,9 +135,7 @@ def _decode_row_groups(batch: dict, reader, img_size, in_chans, train, augment, 
 
         for i in range(0, len(rows), rows_out):
             part = slice(i, i + rows_out)
-            yield _decode_rows(
-                [int(r) for r in rows[part]], get, names[part], labels[part], img_size, in_chans, train, augment
-            )
+            yield _decode_rows([int(r) for r in rows[part]], get, names[part], labels[part], transform)
 
 
 def _permute_items(table, repeats: int) -> Iterator:
@@ -220,12 +227,12 @@ def _check(split) -> None:
 
 
 def _decode_op(ds, split: FileImages, train: bool, augment: Augment, rows_per_task: int, remote_args: dict):
-    shape = dict(img_size=split.img_size, in_chans=split.in_chans, train=train, augment=augment)
+    transform = _Transform(split.img_size, split.in_chans, train, augment)
     args = {"num_cpus": 1, **remote_args}
     if isinstance(split, ParquetRows):
-        kw = dict(reader=split.reader, rows_out=rows_per_task, **shape)
+        kw = dict(reader=split.reader, transform=transform, rows_out=rows_per_task)
         return ds.map_batches(_decode_row_groups, batch_size=1, fn_kwargs=kw, **args)
-    kw = dict(storage=split.storage, **shape)
+    kw = dict(storage=split.storage, transform=transform)
     return ds.map_batches(_decode_files, batch_size=rows_per_task, fn_kwargs=kw, **args)
 
 
@@ -308,71 +315,5 @@ def data_config(object_store_memory: int | None = None, datasets_to_split: str |
     limits = base.resource_limits
     if object_store_memory is not None:
         limits = ExecutionResources(cpu=limits.cpu, gpu=limits.gpu, object_store_memory=object_store_memory)
-    options = ExecutionOptions(resource_limits=limits, exclude_resources=base.exclude_resources)
+    options = ExecutionOptions(resource_limits=limits)
     return ray.train.DataConfig(datasets_to_split=datasets_to_split, execution_options=options)
-
-
-class BadImages(NumpyBatchCollateFn):
-    """``collate_fn`` for ``iter_torch_batches``: drops the rows of undecodable images, warns once per file,
-    and raises past ``cap`` distinct files.
-
-    Returns ``{"image": float32 tensor, "label": int64 tensor}`` (Ray moves it to the device). Keep one per
-    consumer across epochs: a file seen again is not counted again.
-
-    Attributes:
-        names: The skipped files with the reason, in the order first seen.
-        count: ``len(names)`` (log it: an MLflow metric).
-        rows: Rows dropped so far (a file counts once per time it was met).
-    """
-
-    def __init__(self, cap: int = 10, warn: Callable[[str], None] | None = None):
-        super().__init__()
-        if cap < 0:
-            raise ValueError(f"cap must be >= 0, got {cap}")
-        self.cap = cap
-        self.warn = warn or log.warning
-        self.names: list[str] = []
-        self.rows = 0
-        self._seen: set[str] = set()
-        self._lock = threading.Lock()  # Ray collates prefetched batches on several threads
-
-    @property
-    def count(self) -> int:
-        return len(self.names)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        image, label = batch["image"], batch["label"]
-        errors = batch.get("error")
-        bad = np.array([bool(e) for e in errors]) if errors is not None else np.zeros(len(label), bool)
-        if bad.any():
-            sources = batch.get("source")
-            keys = [str(s) for s in sources[bad]] if sources is not None else [str(e) for e in errors[bad]]
-            self._record(keys, [str(e) for e in errors[bad]])
-            image, label = image[~bad], label[~bad]
-        # Blocks read from the object store are read-only; torch wants to own writable memory.
-        if not image.flags.writeable:
-            image = image.copy()
-        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "label": torch.tensor(label, dtype=torch.int64)}
-
-    def _record(self, sources: list[str], errors: list[str]) -> None:
-        with self._lock:
-            self.rows += len(errors)
-            for source, error in zip(sources, errors, strict=True):
-                if source not in self._seen:  # one file, one count, whatever the reason said each time
-                    self._seen.add(source)
-                    self.names.append(error)
-                    self.warn(f"skipping undecodable image {error}")
-            if len(self.names) > self.cap:
-                raise DataError(
-                    f"{len(self.names)} undecodable images, more than --max-bad-images {self.cap}: "
-                    + "; ".join(self.names)
-                )
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()

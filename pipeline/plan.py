@@ -21,8 +21,9 @@ from .space import SearchSpace, default_space_path, load_space
 
 if TYPE_CHECKING:
     from .search import SearchOptions
+    from .trial import TrialContext
 
-__all__ = ["SearchPlan", "resolve_checkpoint", "plan_search", "stack_split"]
+__all__ = ["SearchPlan", "SearchRun", "resolve_checkpoint", "plan_search", "task_resources"]
 
 
 @dataclass
@@ -88,7 +89,7 @@ def plan_search(opts: SearchOptions, tracking_uri: str) -> SearchPlan:
     """Validate everything and load the supernet, space and data; bad input raises before anything is written."""
     from supervit import load_checkpoint
     from supervit.checkpoint import read_checkpoint_metadata
-    from supervit.data import load_data
+    from supervit.data import balanced_subset, load_data
 
     budgets = opts.parsed_budgets()
     latency_budget = opts.parsed_latency_budget()
@@ -114,18 +115,36 @@ def plan_search(opts: SearchOptions, tracking_uri: str) -> SearchPlan:
     data_spec = opts.data or meta["extra"].get("data")
     if not data_spec:
         raise UsageError(f"checkpoint {ckpt_path.name} does not say which data it was trained on: pass --data")
+    if "://***@" in data_spec:
+        raise UsageError(f"checkpoint {ckpt_path.name} names its data without credentials ({data_spec}): pass --data")
     splits = load_data(data_spec, arch)
     if splits.num_classes != num_classes:
         raise UsageError(f"data {data_spec} has {splits.num_classes} classes, the checkpoint {num_classes}")
+    if len(splits.search) > opts.search_images:  # a fixed, class-balanced subset: every trial sees the same images
+        splits.search = splits.search.subset(balanced_subset(splits.search.targets, opts.search_images))
     table_path = Path(opts.latency_table or "latency_table.parquet").resolve()
     LatencyTable(table_path)  # a damaged table is bad input: say so before anything starts
     return SearchPlan(opts, model, space, resolved, latency_budget, data_spec, splits, supertrain_run, table_path)
 
 
-def stack_split(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as (images, labels) tensors."""
-    if hasattr(dataset, "tensors"):
-        return dataset.tensors[0], torch.as_tensor(dataset.tensors[1])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256)
-    xs, ys = zip(*loader, strict=True)
-    return torch.cat(xs), torch.cat(ys)
+@dataclass
+class SearchRun:
+    """A running search: its name, storage, MLflow parent run and the context every trial shares."""
+
+    plan: SearchPlan
+    name: str
+    storage: str
+    tracking_uri: str
+    parent_id: str
+    resumed: bool
+    ctx: TrialContext
+    study_storage: object  # Optuna storage the studies are persisted in
+    study_path: Path
+
+
+def task_resources(opts: SearchOptions) -> dict:
+    """A trial's resources: ``--trial-cpus`` (default: every CPU Ray has free), and a GPU on CUDA."""
+    import ray
+
+    cpus = opts.trial_cpus or max(1, int(ray.available_resources().get("CPU", 1)))
+    return {"num_cpus": cpus} | ({"num_gpus": 1} if opts.device == "cuda" else {})

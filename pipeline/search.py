@@ -17,23 +17,24 @@ import json
 import re
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from supervit import Budget, gflops
+from supervit.data import redact
 
+from .answers import choose_answers, log_answers
+from .batches import held_out, raise_if_over, start_ledger
 from .cli import UsageError, option, parse_options, quiet_libraries, run_cli
 from .latency_table import LatencyTable, arch_key
-from .plan import SearchPlan, plan_search, stack_split
-from .report import answer_table, pareto_plot
+from .plan import SearchPlan, SearchRun, plan_search, task_resources
+from .report import answer_table
 from .runs import (
     STAGE_TAG,
     RunState,
     default_storage,
-    dump_json,
     finish_mlflow_run,
     init_ray,
     open_mlflow_run,
@@ -44,8 +45,7 @@ from .runs import (
     ui_command,
 )
 from .searcher import SAMPLERS
-from .select import choose, pareto_front
-from .trial import FinishedRecord, LatencySettings, Progress, TrialContext, TrialResult, top1
+from .trial import FinishedRecord, LatencySettings, Progress, TrialContext, TrialResult
 
 EXPERIMENT = "supervit-search"
 
@@ -96,6 +96,11 @@ class SearchOptions:
         min=1,
     )
     max_failures: int = option(1, help="retries of a trial whose process died", min=0)
+    search_images: int = option(
+        10_000, help="images of the held-out split each trial evaluates: a fixed, class-balanced subset", min=1
+    )
+    max_bad_images: int = option(10, help="undecodable images skipped (each named in a warning) before it stops", min=0)
+    decode_cpus: float = option(1.0, help="CPUs per image-decoding task of file-backed data (Ray Data)", min=0.01)
     latency_table: str | None = option(None, help="Parquet latency table (default ./latency_table.parquet)")
     warm_start: bool = option(True, help="start from the uniform keep-rate subnets under the budget")
     address: str | None = option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -138,21 +143,6 @@ class SearchResult:
     trials: list[dict]
 
 
-@dataclass
-class _Search:
-    """A running search: its name, storage, MLflow parent run and the context every trial shares."""
-
-    plan: SearchPlan
-    name: str
-    storage: str
-    tracking_uri: str
-    parent_id: str
-    resumed: bool
-    ctx: TrialContext
-    study_storage: object  # Optuna storage the studies are persisted in
-    study_path: Path
-
-
 def search(opts: SearchOptions, verbose: bool = False) -> SearchResult:
     """Run (or resume) a search over every budget; bad input raises `UsageError` before anything is written."""
     storage = opts.storage or default_storage()
@@ -180,8 +170,8 @@ def search(opts: SearchOptions, verbose: bool = False) -> SearchResult:
         flush=True,
     )
     per_budget = [_search_budget(s, i) for i in range(len(plan.budgets))]
-    chosen, rows = _choose(s, per_budget)
-    _log_outputs(s, chosen, rows)
+    chosen, rows = choose_answers(s, per_budget)
+    log_answers(s, chosen, rows)
     finish_mlflow_run(tracking_uri, s.parent_id, answer_table(chosen))
     save_state(storage, name, RunState(s.parent_id, tracking_uri, "finished", _saved_options(opts)))
     return SearchResult(s.parent_id, tracking_uri, chosen, rows)
@@ -191,30 +181,35 @@ def _saved_options(opts: SearchOptions) -> dict:
     return {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("inject_failure", "resume")}
 
 
-def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: RunState | None) -> _Search:
+def _params(plan: SearchPlan) -> dict:
+    import ray
+
+    return _saved_options(plan.opts) | {
+        "data": redact(plan.data_spec),  # a bucket URI may carry credentials; MLflow shows params to everyone
+        "space_grids": list(plan.space.grids),
+        "space_keep_rates": [list(s) for s in plan.space.keep_rates],
+        "search_size": len(plan.splits.search),
+        "test_size": len(plan.splits.test),
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: RunState | None) -> SearchRun:
     """Open (or reopen) the MLflow parent run, record the run state, and build the shared trial context."""
     import optuna
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     opts, arch, num_classes = plan.opts, plan.model.arch, plan.model.num_classes
-    xs, ys = stack_split(plan.splits.search)
     tags = {
         STAGE_TAG: "search",
         "preset": arch.name,
-        "dataset": plan.data_spec,
+        "dataset": redact(plan.data_spec),
         "supertrain_run_id": plan.supertrain_run or "",
         "budgets": ", ".join(opts.budgets),
     }
-    params = _saved_options(opts) | {
-        "space_grids": list(plan.space.grids),
-        "space_keep_rates": [list(s) for s in plan.space.keep_rates],
-        "search_size": len(ys),
-        "test_size": len(plan.splits.test),
-        "ray_version": ray.__version__,
-        "torch_version": torch.__version__,
-    }
-    parent_id = open_mlflow_run(tracking_uri, opts.experiment, name, state, tags, params)
+    parent_id = open_mlflow_run(tracking_uri, opts.experiment, name, state, tags, _params(plan))
     save_state(storage, name, RunState(parent_id, tracking_uri, "running", _saved_options(opts)))
     # The table lives on the driver's node; trials on any node ask it, so each subnet is measured once.
     here = ray.get_runtime_context().get_node_id()
@@ -227,16 +222,19 @@ def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: 
         opts.device, opts.dtype, opts.latency_batch, opts.latency_runs, opts.latency_threads, opts.latency_resource
     )
     state_dict = {k: v.cpu() for k, v in plan.model.state_dict().items()}
+    # File-backed: decoded once into the object store when it fits, else streamed by every trial.
+    search_split = held_out(plan.splits.search, {"num_cpus": opts.decode_cpus})
     ctx = TrialContext(
         arch=arch,
         num_classes=num_classes,
         arch_key=arch_key(arch, num_classes),
         space=plan.space,
         state=state_dict,
-        images=xs,
-        labels=ys,
+        search=search_split,
         table=table,
         latency=latency,
+        ledger=start_ledger(opts.max_bad_images),
+        max_bad_images=opts.max_bad_images,
         inject_failure=opts.inject_failure,
     )
     # The Optuna studies persist next to the driver (a journal file; logged with the run) for optuna-dashboard.
@@ -244,15 +242,16 @@ def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: 
     study_path.parent.mkdir(parents=True, exist_ok=True)
     backend = optuna.storages.journal.JournalFileBackend(str(study_path))
     study = optuna.storages.JournalStorage(backend)
-    return _Search(plan, name, storage, tracking_uri, parent_id, state is not None, ctx, study, study_path)
+    return SearchRun(plan, name, storage, tracking_uri, parent_id, state is not None, ctx, study, study_path)
 
 
 def _finished_record(i: int) -> str:
     return f"finished-budget{i}.json"
 
 
-def _search_budget(s: _Search, i: int) -> list[TrialResult]:
+def _search_budget(s: SearchRun, i: int) -> list[TrialResult]:
     """Search one budget with Ray Tune; finished trials are recorded as they finish (what --resume reads)."""
+    import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -279,11 +278,13 @@ def _search_budget(s: _Search, i: int) -> list[TrialResult]:
         warm_start=warm[: opts.trials] if opts.warm_start and opts.sampler != "grid" else (),
         storage=s.study_storage,
         study_name=f"{s.name}-{budget.text}",
+        stop=lambda: ray.get(s.ctx.ledger.over.remote()),  # too many bad images: no trial can succeed
     )
     record = FinishedRecord(s.storage, s.name, _finished_record(i), finished)
     remaining = opts.trials - len(finished)
     if remaining > 0 and not searcher.feasible <= set(searcher.known):
-        resources = {"cpu": opts.trial_cpus or _all_cpus()} | ({"gpu": 1} if opts.device == "cuda" else {})
+        task = task_resources(opts)
+        resources = {"cpu": task["num_cpus"], "gpu": task.get("num_gpus", 0)}
         tuner = tune.Tuner(
             tune.with_parameters(tune.with_resources(_trainable(), resources), ctx=s.ctx),
             run_config=tune.RunConfig(
@@ -301,6 +302,7 @@ def _search_budget(s: _Search, i: int) -> list[TrialResult]:
             ),
         )
         tuner.fit()
+    raise_if_over(s.ctx.ledger, opts.max_bad_images)
     return record.results
 
 
@@ -310,13 +312,7 @@ def _trainable():
     return run_trial
 
 
-def _all_cpus() -> int:
-    import ray
-
-    return max(1, int(ray.available_resources().get("CPU", 1)))
-
-
-def _mlflow_callback(s: _Search, budget: str):
+def _mlflow_callback(s: SearchRun, budget: str):
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     return MLflowLoggerCallback(
@@ -325,63 +321,6 @@ def _mlflow_callback(s: _Search, budget: str):
         save_artifact=False,
         tags={"mlflow.parentRunId": s.parent_id, "budget": budget, STAGE_TAG: "search-trial"},
     )
-
-
-def _choose(s: _Search, per_budget: list[list[TrialResult]]) -> tuple[list[dict], list[dict]]:
-    """Per budget, the chosen subnet and best uniform one (with their test top-1), and every trial as a row."""
-    plan = s.plan
-    xt, yt = stack_split(plan.splits.test)
-    chosen, rows = [], []
-    for (budget, value), results in zip(plan.budgets, per_budget, strict=True):
-        try:
-            choice = choose(results, plan.latency_budget)
-        except ValueError as e:
-            raise UsageError(f"budget {budget.text}: {e} ({plan.opts.latency_budget or 'no latency budget'})") from None
-        front = pareto_front([(r.top1, r.latency_ms) for r in results])
-        rows += [
-            {"budget": budget.text, "budget_gflops": value, **dataclasses.asdict(r), "pareto": p}
-            for r, p in zip(results, front, strict=True)
-        ]
-
-        def entry(r: TrialResult) -> dict:
-            return dataclasses.asdict(r) | {"test_top1": top1(plan.model, r.subnet_config, xt, yt)}
-
-        answer = {"budget": budget.text, "budget_gflops": value, **entry(choice.best), "trials": len(results)}
-        if choice.uniform is not None:
-            answer["uniform"] = entry(choice.uniform)
-        chosen.append(answer)
-    return chosen, rows
-
-
-def _log_outputs(s: _Search, chosen: list[dict], rows: list[dict]) -> None:
-    """Metrics per budget; Pareto table, chosen subnets, plot, latency table and Optuna study as artifacts."""
-    import mlflow
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from mlflow.entities import Metric
-
-    client = mlflow.MlflowClient(s.tracking_uri)
-    now = int(time.time() * 1000)
-    metrics = []
-    for c in chosen:
-        for k in ("gflops", "top1", "test_top1", "latency_ms"):
-            metrics.append(Metric(f"chosen.{c['budget']}.{k}", float(c[k]), now, 0))
-            if "uniform" in c:
-                metrics.append(Metric(f"uniform.{c['budget']}.{k}", float(c["uniform"][k]), now, 0))
-    client.log_batch(s.parent_id, metrics=metrics)
-    plan = s.plan
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        pq.write_table(pa.Table.from_pylist(rows), tmp / "pareto.parquet")
-        (tmp / "chosen.json").write_text(dump_json(chosen))
-        budgets = [(b.text, v) for b, v in plan.budgets]
-        title = f"SuperViT {plan.model.arch.name}: searched subnets"
-        pareto_plot(rows, chosen, budgets, plan.latency_budget, title, tmp / "pareto.png")
-        for f in ("pareto.parquet", "chosen.json", "pareto.png"):
-            client.log_artifact(s.parent_id, str(tmp / f))
-    for f in (plan.table_path, s.study_path):
-        if f.exists():
-            client.log_artifact(s.parent_id, str(f))
 
 
 def main(argv: list[str] | None = None) -> SearchResult:

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ray.tune.search import Searcher
 
@@ -58,6 +58,7 @@ class BudgetedOptunaSearch(Searcher):
         warm_start: Subnets to evaluate first (enqueued, unless known).
         storage: Optuna storage (e.g. a ``JournalStorage``) to persist the study in; None keeps it in memory.
         study_name: The study's name in ``storage``; an existing study of that name is replaced.
+        stop: Asked before each proposal; True finishes the search (a condition no trial can survive).
         max_tries: Proposals a single `suggest` may rule out before giving up.
     """
 
@@ -76,13 +77,14 @@ class BudgetedOptunaSearch(Searcher):
         warm_start: Iterable[SubnetConfig] = (),
         storage=None,
         study_name: str | None = None,
+        stop: Callable[[], bool] | None = None,
         max_tries: int = 10_000,
     ) -> None:
         import optuna
 
         super().__init__(metric=metric, mode=mode)
         self.space, self.arch, self.num_classes = space, arch, num_classes
-        self.budget, self.latency_budget, self.max_tries = budget, latency_budget, max_tries
+        self.budget, self.latency_budget, self.max_tries, self.stop = budget, latency_budget, max_tries, stop
         self.metrics = [metric] if isinstance(metric, str) else list(metric)
         modes = [mode] if isinstance(mode, str) else list(mode)
         self._worst = [0.0 if m == "max" else 1e9 for m in modes]
@@ -142,6 +144,8 @@ class BudgetedOptunaSearch(Searcher):
         """A new subnet within the budget (as Tune config), None to wait for running trials, or FINISHED."""
         import optuna
 
+        if self.stop is not None and self.stop():
+            return Searcher.FINISHED
         for _ in range(self.max_tries):
             pending = {s for _, s in self.running.values()}
             if self.feasible <= set(self.known) | pending:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from supervit import ArchConfig, TrainConfig, get_arch, get_preset, gflops
-from supervit.data import Splits
+from supervit.data import Augment, Splits, redact
 from supervit.train import RECIPES
 
 from .cli import UsageError, option, parse_options, quiet_libraries, run_cli
@@ -34,6 +34,7 @@ from .runs import (
     save_state,
     ui_command,
 )
+from .trainer import check_bad_images, fit, place_workers, streamed_data
 
 EXPERIMENT = "supervit-supertrain"
 _PRESET_DEFAULT = "the preset's default"
@@ -94,7 +95,16 @@ class SupertrainOptions:
         choices=("sincos", "trunc_normal"),
     )
     workers: int = option(1, help="Ray Train workers (DDP processes)", min=1)
-    cpus_per_worker: int | None = option(None, help="CPUs per worker (default: the cluster's CPUs / workers)", min=1)
+    cpus_per_worker: float | None = option(
+        None,
+        help="CPUs per worker (default: the cluster's CPUs / workers; with file-backed data half of that, the rest "
+        "decodes images)",
+        min=0.01,
+    )
+    decode_cpus: float = option(1.0, help="CPUs per image-decoding task of file-backed data (Ray Data)", min=0.01)
+    max_bad_images: int = option(
+        10, help="undecodable images skipped (each named in a warning) before the run stops", min=0
+    )
     gpus_per_worker: float | None = option(
         None, help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)", min=0
     )
@@ -144,17 +154,25 @@ class SupertrainOptions:
         """The resolved training fields."""
         return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
 
+    def augment(self) -> Augment:
+        """The training transform's augmentation (file-backed data)."""
+        return Augment(aug=None if self.aug == "none" else self.aug, reprob=self.reprob)
+
     def validate(self) -> Splits:
-        """Check everything checkable before Ray or training starts (resolved options); return the data."""
+        """Check everything checkable before Ray or training starts (resolved options); return the data, its
+        training split augmented as the options say."""
         from supervit import SuperViT, load_pretrained
-        from supervit.data import load_data, verify
+        from supervit.data import FileImages, build_transform, load_data, verify
 
         if self.lr <= 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             raise UsageError(f"--mixup/--cutmix mix pairs of images: --batch-size must be even, got {self.batch_size}")
         splits = load_data(self.data, self.arch)
-        verify(splits)
+        if isinstance(splits.train, FileImages):
+            build_transform(self.arch, True, self.augment().aug, self.reprob)  # DataError: a policy timm lacks
+            splits.train = splits.train.with_augment(self.augment())
+        verify(splits, max_bad=self.max_bad_images)
         if len(splits.train) < self.batch_size * self.workers:
             raise UsageError(
                 f"dataset {self.data}: {len(splits.train)} training images, fewer than one global batch "
@@ -182,6 +200,7 @@ def _params(opts: SupertrainOptions, splits: Splits, storage: str, name: str, us
     import torch
 
     params = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("inject_failure", "resume")}
+    params["data"] = redact(opts.data)  # a bucket URI may carry credentials; MLflow shows params to everyone
     params.update({f"arch.{k}": v for k, v in opts.arch.to_dict().items()})
     return params | dict(
         train_size=len(splits.train),
@@ -220,7 +239,8 @@ def supertrain(opts: SupertrainOptions, verbose: bool = False) -> SupertrainResu
     splits = opts.validate()
 
     init_ray(opts.address, verbose=verbose)
-    opts, use_gpu = _place_workers(opts)
+    streamed, datasets = streamed_data(opts, splits)
+    opts, use_gpu = place_workers(opts, streamed is not None)
     run_dir = f"{storage.rstrip('/')}/{name}"
     tags = {
         STAGE_TAG: "supertrain",
@@ -241,51 +261,26 @@ def supertrain(opts: SupertrainOptions, verbose: bool = False) -> SupertrainResu
         flush=True,
     )
     try:
-        result = _fit(opts, name=name, storage=storage, tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu)
+        result = fit(
+            opts,
+            name=name,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+            use_gpu=use_gpu,
+            streamed=streamed,
+            datasets=datasets,
+        )
+        check_bad_images(streamed)
     except Exception:
         mlflow.MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED")
+        check_bad_images(streamed)  # a worker stopped on too many bad images: say that, in one line
         raise
     table = _log_results(opts, splits, result, tracking_uri, run_id)
     finish_mlflow_run(tracking_uri, run_id, accuracy_table(opts.arch, table)[0])
     save_state(storage, name, _state(opts, run_id, tracking_uri, "finished"))
     art = mlflow.MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri
     return SupertrainResult(run_id, tracking_uri, f"{art}/checkpoint/model.safetensors", run_dir, opts.preset, table)
-
-
-def _place_workers(opts: SupertrainOptions) -> tuple[SupertrainOptions, bool]:
-    """The options with CPUs per worker decided (the cluster's CPUs shared out by default), and whether the
-    workers use GPUs (by default when the cluster has them)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    use_gpu = (opts.gpus_per_worker or 0) > 0 if opts.gpus_per_worker is not None else resources.get("GPU", 0) > 0
-    cpus = opts.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // opts.workers)
-    return dataclasses.replace(opts, cpus_per_worker=cpus), use_gpu
-
-
-def _fit(opts: SupertrainOptions, *, name: str, storage: str, tracking_uri: str, run_id: str, use_gpu: bool):
-    """Ray Train's run of the worker loop, with the epoch logger and the console; its `Result`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from .console import Console
-    from .worker import make_epoch_logger, train_loop_per_worker
-
-    per_worker = {"CPU": opts.cpus_per_worker} | ({"GPU": opts.gpus_per_worker or 1} if use_gpu else {})
-    with Console() as console:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"opts": opts, "console": console},
-            scaling_config=ScalingConfig(num_workers=opts.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage,
-                checkpoint_config=CheckpointConfig(num_to_keep=opts.keep_checkpoints),
-                failure_config=FailureConfig(max_failures=opts.max_failures),
-                callbacks=[make_epoch_logger(tracking_uri, run_id, opts.epochs, console)],
-            ),
-        )
-        return trainer.fit()
 
 
 def _log_results(opts: SupertrainOptions, splits: Splits, result, tracking_uri: str, run_id: str) -> dict:

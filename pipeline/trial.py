@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from ray.tune import Callback
 
-from supervit import ArchConfig, SubnetConfig, SuperViT, gflops, hardware_fingerprint, measure_latency
+from supervit import ArchConfig, SubnetConfig, SuperViT, evaluate, gflops, hardware_fingerprint, measure_latency
 
+from .batches import HeldOut, raise_if_over, run_bad_images
 from .latency_table import KEY
 from .runs import dump_json, maybe_fail, write_run_file
 from .space import SearchSpace
@@ -24,7 +25,6 @@ __all__ = [
     "LatencySettings",
     "TrialContext",
     "TrialResult",
-    "top1",
     "latency_row",
     "run_trial",
     "FinishedRecord",
@@ -54,17 +54,26 @@ class TrialContext:
     arch_key: str  # the architecture's key in the latency table
     space: SearchSpace
     state: dict[str, torch.Tensor]  # the supernet's weights
-    images: torch.Tensor  # the search split
-    labels: torch.Tensor
+    search: HeldOut  # the search split (a class-balanced subset of the held-out split)
     table: Any  # a Ray actor serving the `LatencyTable`
     latency: LatencySettings
+    ledger: Any  # the search's `BadImageLedger` actor
+    max_bad_images: int
     inject_failure: str | None = None  # failure drill: a marker file; the first trial kills its process once
 
-    def model(self) -> SuperViT:
-        """The supernet, in eval mode."""
+    def model(self, device: str = "cpu") -> SuperViT:
+        """The supernet, in eval mode, on ``device``."""
         model = SuperViT(self.arch, num_classes=self.num_classes)
         model.load_state_dict(self.state)
-        return model.eval()
+        return model.eval().to(device)
+
+    def top1(self, subnets: list[SubnetConfig], split: HeldOut) -> dict[SubnetConfig, float]:
+        """Top-1 (%) of each subnet on ``split``, in one pass, on the latency device; undecodable images are
+        skipped and counted for the search (past its cap: `DataError`)."""
+        raise_if_over(self.ledger, self.max_bad_images)
+        bad = run_bad_images(self.ledger, self.max_bad_images)
+        counts = evaluate(self.model(self.latency.device), split.batches(bad), subnets)
+        return {s: 100.0 * c / max(1, n) for s, (c, n) in counts.items()}
 
 
 @dataclass(frozen=True)
@@ -92,16 +101,6 @@ class TrialResult:
     def subnet_config(self) -> SubnetConfig:
         """The subnet, parsed from its name."""
         return SubnetConfig.parse(self.subnet)
-
-
-@torch.inference_mode()
-def top1(model: SuperViT, subnet: SubnetConfig, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 (%) of ``subnet`` on a held-in-memory split."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        correct += int((model(x[i : i + batch_size], subnet).argmax(1) == y[i : i + batch_size]).sum())
-    return 100.0 * correct / max(1, len(x))
 
 
 def latency_row(ctx: TrialContext, subnet: SubnetConfig, threads: int) -> tuple[dict, bool]:
@@ -156,7 +155,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     subnet = ctx.space.subnet(config).validate(ctx.arch)
     if ctx.inject_failure:
         maybe_fail(ctx.inject_failure)
-    acc = top1(ctx.model(), subnet, ctx.images, ctx.labels)
+    acc = ctx.top1([subnet], ctx.search)[subnet]
     threads = ctx.latency.threads or torch.get_num_threads()
     if ctx.latency.resource:
         # Outside the trial's placement group: the measurement goes wherever the resource is.

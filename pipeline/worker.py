@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from supervit import SubnetConfig, SubnetSampler, SuperViT, Training, evaluate, make_training, train_one_epoch
-from supervit.data import Splits
+from supervit.data import redact
 
 from .console import Console
 from .report import cells
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "train_loop_per_worker",
+    "Streamed",
     "make_worker",
     "evaluate_worker",
     "log_epoch",
@@ -43,6 +45,17 @@ EMA_FILE = "model_ema.safetensors"  # beside model.safetensors in a checkpoint, 
 # ------------------------------------------------------------------------------------------------- worker
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """File-backed data reaches the workers as Ray Train dataset shards (``train``, ``search``, ``test``);
+    this is what a worker needs to know of it besides."""
+
+    num_classes: int
+    train_size: int
+    ledger: Any  # the run's `BadImageLedger` actor
+    max_bad_images: int
+
+
 @dataclass
 class _Worker:
     """One worker's share of the job."""
@@ -50,7 +63,7 @@ class _Worker:
     rank: int
     world: int
     device: torch.device
-    splits: Splits
+    num_classes: int
     model: torch.nn.Module  # DDP-wrapped when world > 1
     core: SuperViT
     loader: Any
@@ -61,43 +74,78 @@ class _Worker:
 
 
 def make_worker(
-    opts: SupertrainOptions, rank: int = 0, world: int = 1, device: str | torch.device = "cpu", ray_train: bool = False
+    opts: SupertrainOptions,
+    rank: int = 0,
+    world: int = 1,
+    device: str | torch.device = "cpu",
+    streamed: Streamed | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> _Worker:
     """Data, model, loaders, optimizer and sampler of one worker, as the training loop uses them.
 
-    With ``ray_train`` (inside a Ray Train worker) the model and the train loader go through Ray Train's
-    ``prepare_*`` (DDP, distributed sampler); without it (benchmarks) the same objects are used plainly.
+    Inside a Ray Train worker (``world`` > 1, or ``streamed``) the model goes through Ray Train's
+    ``prepare_model`` (DDP); in-memory data through a DataLoader with a distributed sampler, file-backed data
+    (``streamed``) as this worker's dataset shards. Outside Ray (benchmarks: ``world`` 1, nothing streamed) the
+    same objects are used plainly. ``say`` prints a line on the driver's console (warnings of bad images).
     """
     from supervit import load_pretrained
-    from supervit.data import load_data
 
     device = torch.device(device)
     if device.type == "cpu" and opts.cpus_per_worker:
-        torch.set_num_threads(opts.cpus_per_worker)
+        torch.set_num_threads(max(1, int(opts.cpus_per_worker)))
     torch.manual_seed(opts.seed)  # same initial weights everywhere (DDP broadcasts rank 0's anyway)
-    splits = load_data(opts.data, opts.arch)
-    model = SuperViT(opts.arch, splits.num_classes, drop_path_rate=opts.drop_path, pos_embed_init=opts.pos_init)
+    if streamed is None:
+        from supervit.data import load_data
+
+        splits = load_data(opts.data, opts.arch)
+        num_classes = splits.num_classes
+    else:
+        num_classes = streamed.num_classes
+    model = SuperViT(opts.arch, num_classes, drop_path_rate=opts.drop_path, pos_embed_init=opts.pos_init)
     if opts.init_from:
         load_pretrained(model, opts.init_from)
-    loader = torch.utils.data.DataLoader(
-        splits.train, batch_size=opts.batch_size, shuffle=True, drop_last=True, pin_memory=device.type == "cuda"
-    )
-    if ray_train:
+    model = model.to(device)
+    if streamed is not None or world > 1:
         import ray.train.torch
 
         # find_unused_parameters: each step uses the position embeddings of only the grids it samples.
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-        loader = ray.train.torch.prepare_data_loader(loader, move_to_device=True)
     core = model.module if hasattr(model, "module") else model
+    if streamed is None:
+        loaders = _memory_loaders(opts, splits, rank, world, device)
+    else:
+        loaders = _shard_loaders(opts, streamed, world, say)
+    training = make_training(core, opts.train_config(), len(loaders[0]), device, num_classes, world)
+    sampler = SubnetSampler(opts.arch, opts.recipe, schedules=opts.schedules, seed=opts.seed)
+    return _Worker(rank, world, device, num_classes, model, core, *loaders, training, sampler)
 
-    def shard(ds):
+
+def _memory_loaders(opts: SupertrainOptions, splits, rank: int, world: int, device: torch.device) -> tuple:
+    """Train, validation and test loaders of an in-memory dataset; each worker evaluates its share."""
+    loader = torch.utils.data.DataLoader(
+        splits.train, batch_size=opts.batch_size, shuffle=True, drop_last=True, pin_memory=device.type == "cuda"
+    )
+    if world > 1:
+        import ray.train.torch
+
+        loader = ray.train.torch.prepare_data_loader(loader, move_to_device=True)
+
+    def share(ds):
         return torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(rank, len(ds), world)), batch_size=256)
 
-    training = make_training(core, opts.train_config(), len(loader), device, splits.num_classes, world)
-    sampler = SubnetSampler(opts.arch, opts.recipe, schedules=opts.schedules, seed=opts.seed)
-    return _Worker(
-        rank, world, device, splits, model, core, loader, shard(splits.search), shard(splits.test), training, sampler
-    )
+    return loader, share(splits.search), share(splits.test)
+
+
+def _shard_loaders(opts: SupertrainOptions, streamed: Streamed, world: int, say) -> tuple:
+    """This worker's shards of the streamed splits; undecodable images are skipped and counted for the run."""
+    import ray.train
+
+    from .batches import Batches, run_bad_images
+
+    bad = run_bad_images(streamed.ledger, streamed.max_bad_images, say)
+    steps = streamed.train_size // (opts.batch_size * world)
+    train = Batches(ray.train.get_dataset_shard("train"), opts.batch_size, bad, steps, drop_last=True)
+    return (train, *(Batches(ray.train.get_dataset_shard(n), 256, bad, 0) for n in ("search", "test")))
 
 
 def _restore(w: _Worker) -> int:
@@ -156,7 +204,8 @@ def _report(w: _Worker, opts: SupertrainOptions, epoch: int, metrics: dict) -> N
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if w.rank == 0:
-            extra = {"epoch": epoch, "data": opts.data, "preset": opts.preset, "num_classes": w.splits.num_classes}
+            data = redact(opts.data)  # the checkpoint becomes an MLflow artifact: no credentials in it
+            extra = {"epoch": epoch, "data": data, "preset": opts.preset, "num_classes": w.num_classes}
             save_checkpoint(os.path.join(tmp, "model.safetensors"), w.core, extra=extra)
             if w.training.ema is not None:
                 save_checkpoint(os.path.join(tmp, EMA_FILE), w.training.ema.module, extra={**extra, "ema": True})
@@ -189,7 +238,7 @@ def _step_hook(w: _Worker, opts: SupertrainOptions, epoch: int, console: Console
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: its data shard, DDP model, supertraining epochs, a checkpoint reported each epoch.
 
-    ``config``: ``{"opts": SupertrainOptions (resolved), "console": Console | None}``.
+    ``config``: ``{"opts": SupertrainOptions (resolved), "console": Console | None, "streamed": Streamed | None}``.
     """
     import ray
     import ray.train
@@ -197,11 +246,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     opts: SupertrainOptions = config["opts"]
     console: Console | None = config.get("console")
+    streamed: Streamed | None = config.get("streamed")
+    if streamed is not None and ray.get(streamed.ledger.over.remote()):
+        return  # restarted after too many bad images: end here (no retry can help); the driver reports them
     ctx = ray.train.get_context()
-    w = make_worker(opts, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), ray_train=True)
+    say = console.line if console is not None else None
+    w = make_worker(opts, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), streamed, say)
     for epoch in range(_restore(w), opts.epochs):
-        if w.world > 1:
-            w.loader.sampler.set_epoch(epoch)  # a fresh order per epoch across the DDP shards
+        if hasattr(getattr(w.loader, "sampler", None), "set_epoch"):
+            w.loader.sampler.set_epoch(epoch)  # a fresh order per epoch across the DDP shards (streamed: always)
         stats = train_one_epoch(w.model, w.loader, w.sampler, w.training, _step_hook(w, opts, epoch, console))
         metrics: dict[str, Any] = {f"loss/{k}": v for k, v in stats.losses.items()}
         metrics.update(
@@ -212,6 +265,8 @@ def train_loop_per_worker(config: dict) -> None:
             node_id=ray.get_runtime_context().get_node_id(),
         )
         metrics.update(evaluate_worker(w, opts, last=epoch == opts.epochs - 1))
+        if streamed is not None:
+            metrics["bad_images"] = len(ray.get(streamed.ledger.report.remote()))
         _report(w, opts, epoch, metrics)
 
 

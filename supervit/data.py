@@ -973,15 +973,27 @@ def load_data(spec: str, arch: ArchConfig, **kwargs) -> Splits:
     )
 
 
-def verify(splits: Splits, n: int = 4) -> None:
-    """Decode the first ``n`` items of each split, so a corrupt dataset fails before training starts.
+def verify(splits: Splits, n: int = 4, max_bad: int = 0) -> None:
+    """Decode the first ``n`` items of each split, so a dataset that cannot be read fails before training starts.
+
+    Args:
+        splits: The dataset.
+        n: Items decoded per split.
+        max_bad: Undecodable items tolerated among them (a run skips up to ``--max-bad-images`` anyway); a split
+            none of whose first items decodes fails whatever this says.
 
     Raises:
-        DataError: an item cannot be decoded, or a split is empty.
+        DataError: more than ``max_bad`` items (or all of them) cannot be decoded, or a split is empty.
     """
     for name in ("train", "search", "test"):
         ds = getattr(splits, name)
         if len(ds) == 0:
             raise DataError(f"{splits.name}: the {name} split is empty")
+        errors = []
         for i in range(min(n, len(ds))):
-            ds[i]
+            try:
+                ds[i]
+            except DataError as e:
+                errors.append(e)
+        if len(errors) > max_bad or len(errors) == min(n, len(ds)):
+            raise errors[0]

@@ -1,8 +1,10 @@
 """One two-node Ray cluster on this machine per test session, 2 CPUs in all."""
 
 import os
+import socket
 
 import pytest
+
 from helpers import LATENCY_RESOURCE
 
 
@@ -38,3 +40,48 @@ def trained_checkpoint(tmp_path_factory):
     from helpers import tiny_checkpoint
 
     return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", trained=True)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory, ray_session):
+    """An ImageFolder of real photo crops in every format real folders hold, and its Parquet twin."""
+    import ray.data
+
+    from helpers import write_photo_dataset
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return write_photo_dataset(tmp_path_factory.mktemp("photos"), num_classes=3, train_per_class=10, val_per_class=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(photos):
+    """The photo dataset uploaded to a local S3-compatible server (moto) on 127.0.0.1; yields a URI maker."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        s3.create_bucket(Bucket="datasets")
+        root = photos[0].parent
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                s3.upload_file(str(f), "datasets", f"photos/{f.relative_to(root)}")
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        yield lambda key: f"s3://testing:testing@datasets/photos/{key}?{query}"
+    finally:
+        server.stop()

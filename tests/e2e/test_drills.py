@@ -9,8 +9,8 @@ import time
 
 import mlflow
 import pytest
-from helpers import search_opts, tiny_checkpoint
 
+from helpers import search_opts, tiny_checkpoint
 from pipeline.search import SearchOptions, search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -2,8 +2,8 @@
 
 import mlflow
 import pytest
-from helpers import LATENCY_RESOURCE, check_supertrain_run, search_opts, supertrain_opts
 
+from helpers import LATENCY_RESOURCE, check_supertrain_run, search_opts, supertrain_opts
 from pipeline.search import search
 from pipeline.supertrain import supertrain
 

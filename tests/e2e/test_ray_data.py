@@ -2,14 +2,12 @@
 local S3-compatible bucket, through the same calls the Ray Train worker and the search make."""
 
 import json
-import socket
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import write_photo_dataset
 from supervit.config import get_arch
 from supervit.data import DEIT_AUGMENT, DataError, ImageFiles, ParquetRows, load_data
 
@@ -17,29 +15,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TINY = get_arch("tiny")
 DEIT_TI = get_arch("deit_ti")
-
-
-@pytest.fixture(scope="module")
-def ray_address(request):
-    """The shared test cluster when there is one, else a small local Ray of this module's own."""
-    import ray
-
-    try:
-        yield request.getfixturevalue("ray_session")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory, ray_address):
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    return write_photo_dataset(tmp_path_factory.mktemp("photos"), num_classes=3, train_per_class=10, val_per_class=4)
 
 
 def epoch(ds, batch_size=8):
@@ -61,7 +36,8 @@ def names(split) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["folder", "parquet"])
 def test_train_batches_shape_dtype_and_coverage(photos, kind):
-    from pipeline.data import BadImages, train_dataset
+    from pipeline.batches import BadImages
+    from pipeline.data import train_dataset
 
     s = load_data(str(photos[0] if kind == "folder" else photos[1]), DEIT_TI)
     assert isinstance(s.train, ImageFiles if kind == "folder" else ParquetRows)
@@ -129,7 +105,8 @@ def test_bad_images_skipped_counted_named_then_capped(photos, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.data import BadImages, eval_dataset, train_dataset
+    from pipeline.batches import BadImages
+    from pipeline.data import eval_dataset, train_dataset
 
     folder = tmp_path / "folder"
     shutil.copytree(photos[0], folder)
@@ -174,42 +151,9 @@ def test_bad_images_skipped_counted_named_then_capped(photos, tmp_path):
     assert "null" in bad.names[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_bucket(photos):
-    """The photo dataset uploaded to a local S3-compatible server (moto) on 127.0.0.1; yields a URI maker."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{port}",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
-        s3.create_bucket(Bucket="datasets")
-        root = photos[0].parent
-        for f in sorted(root.rglob("*")):
-            if f.is_file():
-                s3.upload_file(str(f), "datasets", f"photos/{f.relative_to(root)}")
-        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        yield lambda key: f"s3://testing:testing@datasets/photos/{key}?{query}"
-    finally:
-        server.stop()
-
-
 def test_parquet_and_folder_in_an_s3_bucket(photos, s3_bucket):
-    from pipeline.data import BadImages, eval_dataset, train_dataset
+    from pipeline.batches import BadImages
+    from pipeline.data import eval_dataset, train_dataset
 
     local = load_data(str(photos[1]), TINY)
     uri = s3_bucket("parquet")
@@ -238,7 +182,8 @@ def test_torch_trainer_shards_fresh_each_epoch(photos, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data import BadImages, data_config, train_dataset
+    from pipeline.batches import BadImages
+    from pipeline.data import data_config, train_dataset
 
     s = load_data(str(photos[0]), TINY, search_fraction=0.0)
     out = tmp_path / "seen"

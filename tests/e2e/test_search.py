@@ -6,8 +6,8 @@ import mlflow
 import optuna
 import pyarrow.parquet as pq
 import pytest
-from helpers import search_opts
 
+from helpers import search_opts
 from pipeline.latency_table import LatencyTable
 from pipeline.search import search
 from supervit import get_arch, gflops

@@ -9,8 +9,8 @@ import time
 
 import mlflow
 import pytest
-from helpers import metric_steps, one_line_error, supertrain_opts
 
+from helpers import metric_steps, one_line_error, supertrain_opts
 from pipeline.supertrain import SupertrainOptions, main, supertrain
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

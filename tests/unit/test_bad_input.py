@@ -4,8 +4,8 @@ import os
 
 import mlflow
 import pytest
-from helpers import one_line_error, tiny_checkpoint
 
+from helpers import one_line_error, tiny_checkpoint
 from pipeline import search, supertrain
 from supervit import ArchConfig, SuperViT, save_checkpoint
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers import SMALL, RecordingSGD
 
+from helpers import SMALL, RecordingSGD
 from supervit import (
     RECIPES,
     SubnetConfig,

@@ -5,9 +5,9 @@ import math
 import pytest
 import timm
 import torch
-from helpers import SMALL
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
+from helpers import SMALL
 from supervit import SubnetConfig, SuperViT, get_arch, gflops, keep_count
 from supervit.checkpoint import convert_state_dict
 from supervit.flops import token_counts

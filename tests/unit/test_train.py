@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from helpers import RecordingSGD
 
+from helpers import RecordingSGD
 from supervit import (
     Role,
     SubnetConfig,

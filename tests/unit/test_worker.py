@@ -3,8 +3,8 @@
 import json
 
 import mlflow
-from helpers import metric_steps
 
+from helpers import metric_steps
 from pipeline.worker import backfill_epochs, epoch_line, log_epoch
 
 

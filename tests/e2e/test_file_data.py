@@ -1,0 +1,83 @@
+"""Both commands on file-backed data, streamed through Ray Data into the workers and trials: an ImageFolder of
+real photographs (with undecodable files among them) and its Parquet twin in an S3 bucket (moto, 127.0.0.1)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from helpers import metric_steps, search_opts, supertrain_opts
+from pipeline.search import search
+from pipeline.supertrain import supertrain
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# The test cluster has one CPU a node: workers and trials leave half of it to the decoding tasks.
+SHARE = dict(cpus_per_worker=0.5, decode_cpus=0.5)
+BROKEN = ("zz_truncated.jpg", "zz_not_an_image.png")
+
+
+@pytest.fixture
+def folder_with_bad_images(photos, tmp_path):
+    """The photo ImageFolder plus two undecodable files at the end of one training class."""
+    root = tmp_path / "photos"
+    shutil.copytree(photos[0], root)
+    jpeg = next((root / "train" / "class_0").glob("*.jpg")).read_bytes()
+    (root / "train" / "class_0" / BROKEN[0]).write_bytes(jpeg[: len(jpeg) // 3])
+    (root / "train" / "class_0" / BROKEN[1]).write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
+    return root
+
+
+def test_image_folder_trains_and_searches_skipping_bad_images(
+    ray_session, tmp_path, mlflow_uri, folder_with_bad_images, capsys
+):
+    data = str(folder_with_bad_images)
+    opts = supertrain_opts(tmp_path, mlflow_uri, data=data, batch_size=8, max_bad_images=5, name="photos", **SHARE)
+    res = supertrain(opts)
+    client = mlflow.MlflowClient(mlflow_uri)
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["dataset"] == f"imagefolder:{data}"
+    assert metric_steps(mlflow_uri, res.run_id, "top1/full") == [0, 1]
+    # Both bad files were skipped, counted once each for the run (two workers, two epochs), and named. (A file
+    # in the short last batch that drop_last leaves out is met in the other epoch, in its new order.)
+    counts = [m.value for m in sorted(client.get_metric_history(res.run_id, "bad_images"), key=lambda m: m.step)]
+    assert counts[-1] == 2.0 and counts == sorted(counts)
+    shown = capsys.readouterr().out
+    assert all(f"warning: skipping undecodable image {data}/train/class_0/{name}" in shown for name in BROKEN)
+
+    out = search(search_opts(tmp_path, mlflow_uri, res.run_id, data=data, trials=2, decode_cpus=0.5, name="s"))
+    assert len(out.trials) == 2 and 0 <= out.chosen[0]["test_top1"] <= 100
+    assert client.get_run(out.parent_run_id).data.params["search_size"] == "3"  # 5% of train, one per class
+
+
+def test_parquet_in_a_bucket_trains_and_searches(ray_session, tmp_path, mlflow_uri, s3_bucket):
+    data = s3_bucket("parquet")
+    res = supertrain(supertrain_opts(tmp_path, mlflow_uri, data=data, epochs=1, batch_size=8, workers=1, **SHARE))
+    params = mlflow.MlflowClient(mlflow_uri).get_run(res.run_id).data.params
+    assert params["data"].startswith("s3://***@datasets/photos/parquet")  # no credentials in MLflow
+    assert params["train_size"] == "27" and res.table["g8_k1"]["test_top1"] >= 0
+    out = search(search_opts(tmp_path, mlflow_uri, res.run_id, data=data, trials=2, decode_cpus=0.5))
+    assert len(out.trials) == 2
+
+
+def test_too_many_bad_images_stop_the_run_with_one_line(ray_session, tmp_path, mlflow_uri, folder_with_bad_images):
+    cmd = [sys.executable, "-m", "pipeline.supertrain", "--data", str(folder_with_bad_images), "--epochs", "2"]
+    cmd += ["--batch-size", "8", "--workers", "1", "--cpus-per-worker", "0.5", "--decode-cpus", "0.5"]
+    cmd += ["--max-bad-images", "1", "--storage", str(tmp_path / "ray"), "--mlflow-uri", mlflow_uri]
+    cmd += ["--address", ray_session]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 2 undecodable images, more than --max-bad-images 1"), err
+    assert all(name in lines[0] for name in BROKEN)
+    run = mlflow.MlflowClient(mlflow_uri).search_runs(["1"])[0]
+    assert run.info.status == "FAILED"
