@@ -5,13 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import mlflow
 import pytest
 
-from pipeline.latency_table import LatencyTable
 from pipeline.search import SearchOptions, search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -115,32 +113,3 @@ def test_resume_after_the_search_driver_is_killed(ray_session, tmp_path, mlflow_
     for trial_id in finished:  # a trial the killed driver had finished ran exactly once
         assert names.count(f"run_trial_{trial_id}") == 1, (trial_id, names)
     assert mlflow.MlflowClient(mlflow_uri).get_run(parent).info.status == "FINISHED"
-
-
-@pytest.mark.parametrize("where", ["before_rename", "mid_write"])
-def test_crash_while_writing_the_latency_table_keeps_the_previous_one(tmp_path, where):
-    path = tmp_path / "lat.parquet"
-    table = LatencyTable(path)
-    row = {"fingerprint": "f", "arch": "a", "subnet": "g4_k1", "batch_size": 1, "dtype": "float32", "median_ms": 1.0}
-    table.put(row)
-    before = path.read_bytes()
-    script = textwrap.dedent(f"""
-        import os, pyarrow.parquet as pq
-        from pipeline.latency_table import LatencyTable
-        if {where!r} == "before_rename":
-            os.replace = lambda *a: os.kill(os.getpid(), 9)
-        else:
-            real = pq.write_table
-            def half(table, where, **kw):
-                real(table, where, **kw)
-                size = os.path.getsize(where)
-                os.truncate(where, size // 2)
-                os.kill(os.getpid(), 9)
-            pq.write_table = half
-        t = LatencyTable({str(path)!r})
-        t.put({{**{row!r}, "subnet": "g8_k1", "median_ms": 2.0}})
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert proc.returncode == -signal.SIGKILL
-    assert path.read_bytes() == before
-    assert LatencyTable(path).rows == table.rows  # the previous table, intact and readable
