@@ -4,19 +4,25 @@ metrics, a Pareto table, a plot and JSON in the search's MLflow run."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import tempfile
 import time
 from pathlib import Path
 
+from supervit import LATENCY_MODES, SubnetConfig, gflops
+
 from .batches import held_out
 from .cli import UsageError
+from .latency_report import latency_report
+from .latency_table import LatencyTable
 from .plan import SearchRun, task_resources
+from .registry import budget_alias, log_subnet_model
 from .report import pareto_plot
 from .runs import dump_json
 from .select import choose, pareto_front
 from .trial import TrialContext, TrialResult
 
-__all__ = ["test_top1", "choose_answers", "log_answers"]
+__all__ = ["test_top1", "choose_answers", "log_answers", "register_answers", "report_latency"]
 
 
 def test_top1(s: SearchRun, subnets: list) -> dict:
@@ -83,6 +89,81 @@ def log_answers(s: SearchRun, chosen: list[dict], rows: list[dict]) -> None:
         pareto_plot(rows, chosen, budgets, plan.latency_budget, title, tmp / "pareto.png")
         for f in ("pareto.parquet", "chosen.json", "pareto.png"):
             client.log_artifact(s.parent_id, str(tmp / f))
-    for f in (plan.table_path, s.study_path):
-        if f.exists():
-            client.log_artifact(s.parent_id, str(f))
+        table = LatencyTable(plan.table_path)
+        if len(table):
+            client.log_artifact(s.parent_id, str(table.write_snapshot(tmp / "latency_table.parquet")))
+    if s.study_path.exists():
+        client.log_artifact(s.parent_id, str(s.study_path))
+
+
+def register_answers(s: SearchRun, chosen: list[dict]) -> None:
+    """Each budget's subnet as a version of the registered model, with an alias naming the budget
+    (``budget-2_3GFLOPs``), tagged with what it is, costs and scored, and linked to this search's run."""
+    plan, arch = s.plan, s.plan.model.arch
+    name = plan.opts.registered_model or f"supervit-{arch.name}"
+    for c in chosen:
+        hardware = c["latency_hardware"]
+        tags = {
+            "budget": c["budget"],
+            "budget_gflops": f"{c['budget_gflops']:.6g}",
+            "search_top1": f"{c['top1']:.4g}",
+            "test_top1": f"{c['test_top1']:.4g}",
+            "latency_ms": f"{c['latency_ms']:.4g}",
+            "latency_mode": s.ctx.latency.mode,
+            "latency_batch": str(s.ctx.latency.batch),
+            "latency_dtype": s.ctx.latency.dtype,
+            "hardware": hardware,
+            "hardware_fingerprint": hashlib.sha1(hardware.encode()).hexdigest()[:12],
+            "search_run_id": s.parent_id,
+            "supertrain_run_id": plan.supertrain_run or "",
+        }
+        alias = budget_alias(c["budget"])
+        log_subnet_model(
+            plan.model,
+            SubnetConfig.parse(c["subnet"]),
+            name=alias,
+            registered_model=name,
+            alias=alias,
+            tags=tags,
+            run_id=s.parent_id,
+            tracking_uri=s.tracking_uri,
+        )
+
+
+def _both_modes(ctx: TrialContext, subnets: list) -> list[dict]:
+    """Latency rows of ``subnets`` in both modes (from the table, or measured), in a task with a trial's
+    resources."""
+    from .trial import measured_latency
+
+    return [measured_latency(ctx, s, mode)[0] for mode in LATENCY_MODES for s in subnets]
+
+
+def report_latency(s: SearchRun, rows: list[dict]) -> None:
+    """Latency against GFLOPs for every uniform cell and every trial, eager and compiled, on the search's
+    hardware: a table with the rank correlation and a plot, logged with the search (``latency_vs_flops.*``)."""
+    import mlflow
+    import ray
+
+    plan, arch, n = s.plan, s.plan.model.arch, s.plan.model.num_classes
+    subnets = {u.validate(arch) for u in plan.space.uniform_subnets()}
+    subnets |= {SubnetConfig.parse(r["subnet"]).validate(arch) for r in rows}
+    task = ray.remote(_both_modes).options(**task_resources(plan.opts))
+    measured = ray.get(task.remote(s.ctx, sorted(subnets, key=str)))
+    points = [
+        {
+            "subnet": m["subnet"],
+            "gflops": gflops(arch, SubnetConfig.parse(m["subnet"]), n),
+            "latency_ms": m["median_ms"],
+            "mode": m["mode"],
+            "hardware": m["hardware"],
+        }
+        for m in measured
+    ]
+    client = mlflow.MlflowClient(s.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = latency_report(points, Path(tmp) / "latency_vs_flops.png")
+        (Path(tmp) / "latency_vs_flops.md").write_text(report.markdown)
+        for f in ("latency_vs_flops.md", "latency_vs_flops.png"):
+            client.log_artifact(s.parent_id, str(Path(tmp) / f))
+    for (_, mode), rho in report.spearman.items():
+        client.log_metric(s.parent_id, f"latency_flops_spearman.{mode}", rho)

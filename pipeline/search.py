@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from supervit import Budget, gflops
+from supervit import LATENCY_MODES, Budget, default_latency_mode, gflops
 from supervit.data import redact
 
-from .answers import choose_answers, log_answers
+from .answers import choose_answers, log_answers, register_answers, report_latency
 from .batches import held_out, raise_if_over, start_ledger
 from .cli import UsageError, option, parse_options, quiet_libraries, run_cli
 from .latency_table import LatencyTable, arch_key
@@ -78,6 +78,15 @@ class SearchOptions:
     latency_budget: str | None = option(None, help="extra constraint on measured latency, e.g. 5ms")
     latency_batch: int = option(1, help="batch size latency is measured at", min=1)
     latency_runs: int = option(30, help="timed forwards per latency measurement", min=1)
+    latency_mode: str | None = option(
+        None,
+        help="what is timed: the subnet's program compiled for the device, as deployed, or its eager forward "
+        "(default compiled; compile time is recorded apart, never counted)",
+        choices=LATENCY_MODES,
+    )
+    latency_report: bool = option(
+        True, help="also time every uniform cell and every trial in both modes, and log latency against GFLOPs"
+    )
     device: str = option("cpu", help="where trials run and latency is measured", choices=("cpu", "cuda"))
     dtype: str = option("float32", help="latency dtype", choices=("float32", "bfloat16", "float16"))
     trial_cpus: int | None = option(
@@ -111,6 +120,9 @@ class SearchOptions:
     mlflow_uri: str | None = option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     experiment: str = option(EXPERIMENT, help="MLflow experiment")
     name: str | None = option(None, help="search name in Ray storage and MLflow (default: search-<budgets>-<n>)")
+    registered_model: str | None = option(
+        None, help="MLflow registered model the chosen subnets become versions of (default supervit-<preset>)"
+    )
     seed: int = option(0, help="sampler seed")
     inject_failure: str | None = option(None, help="", cli=False)  # failure drill: see `TrialContext`
 
@@ -172,6 +184,9 @@ def search(opts: SearchOptions, verbose: bool = False) -> SearchResult:
     per_budget = [_search_budget(s, i) for i in range(len(plan.budgets))]
     chosen, rows = choose_answers(s, per_budget)
     log_answers(s, chosen, rows)
+    register_answers(s, chosen)
+    if opts.latency_report:
+        report_latency(s, rows)
     finish_mlflow_run(tracking_uri, s.parent_id, answer_table(chosen))
     save_state(storage, name, RunState(s.parent_id, tracking_uri, "finished", _saved_options(opts)))
     return SearchResult(s.parent_id, tracking_uri, chosen, rows)
@@ -219,7 +234,13 @@ def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: 
         .remote(plan.table_path)
     )
     latency = LatencySettings(
-        opts.device, opts.dtype, opts.latency_batch, opts.latency_runs, opts.latency_threads, opts.latency_resource
+        opts.device,
+        opts.dtype,
+        opts.latency_batch,
+        opts.latency_runs,
+        opts.latency_threads,
+        opts.latency_resource,
+        opts.latency_mode or default_latency_mode(opts.device),
     )
     state_dict = {k: v.cpu() for k, v in plan.model.state_dict().items()}
     # File-backed: decoded once into the object store when it fits, else streamed by every trial.

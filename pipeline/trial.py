@@ -26,6 +26,7 @@ __all__ = [
     "TrialContext",
     "TrialResult",
     "latency_row",
+    "measured_latency",
     "run_trial",
     "FinishedRecord",
     "Progress",
@@ -34,8 +35,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LatencySettings:
-    """How latency is measured: device, dtype, batch, timed runs, CPU threads, and the Ray resource that marks
-    the hardware it must run on (None: wherever the trial runs)."""
+    """How latency is measured: device, dtype, batch, timed runs, CPU threads, the Ray resource that marks the
+    hardware it must run on (None: wherever the trial runs), and the mode (the program as deployed: compiled,
+    or the eager forward; see `supervit.default_latency_mode`)."""
 
     device: str = "cpu"
     dtype: str = "float32"
@@ -43,6 +45,7 @@ class LatencySettings:
     runs: int = 30
     threads: int | None = None
     resource: str | None = None
+    mode: str = "compiled"
 
 
 @dataclass
@@ -87,6 +90,7 @@ class TrialResult:
     latency_p10_ms: float
     latency_p90_ms: float
     latency_cached: bool
+    compile_s: float  # compiling the subnet's program for the measurement (0 when cached, or eager)
     uniform: bool
     trial_node: str
     latency_node: str
@@ -103,8 +107,9 @@ class TrialResult:
         return SubnetConfig.parse(self.subnet)
 
 
-def latency_row(ctx: TrialContext, subnet: SubnetConfig, threads: int) -> tuple[dict, bool]:
-    """The latency of ``subnet`` on this node's hardware: from the shared table, or measured once and added.
+def latency_row(ctx: TrialContext, subnet: SubnetConfig, threads: int, mode: str | None = None) -> tuple[dict, bool]:
+    """The latency of ``subnet`` on this node's hardware in ``mode`` (default the search's): from the shared
+    table, or measured once and added. Compilation time is recorded beside it, never counted in it.
 
     Returns:
         ``(row, cached)``: the table row, and whether it was there already.
@@ -112,8 +117,9 @@ def latency_row(ctx: TrialContext, subnet: SubnetConfig, threads: int) -> tuple[
     import ray
 
     lat = ctx.latency
+    mode = mode or lat.mode
     fingerprint, hardware = hardware_fingerprint(lat.device, threads if lat.device == "cpu" else None)
-    key = (fingerprint, ctx.arch_key, subnet.name, lat.batch, lat.dtype)
+    key = (fingerprint, ctx.arch_key, subnet.name, lat.batch, lat.dtype, mode)
     row = ray.get(ctx.table.get.remote(key))
     if row is not None:
         return row, True
@@ -126,9 +132,11 @@ def latency_row(ctx: TrialContext, subnet: SubnetConfig, threads: int) -> tuple[
         runs=lat.runs,
         warmup=max(3, lat.runs // 5),
         threads=threads if lat.device == "cpu" else None,
+        mode=mode,
     )
     row = dict(zip(KEY, key, strict=True)) | {
         "hardware": hardware,
+        "compile_s": r.compile_s,
         "median_ms": r.median_ms,
         "p10_ms": r.p10_ms,
         "p90_ms": r.p90_ms,
@@ -141,6 +149,21 @@ def latency_row(ctx: TrialContext, subnet: SubnetConfig, threads: int) -> tuple[
     }
     ray.get(ctx.table.put.remote(row))
     return row, False
+
+
+def measured_latency(ctx: TrialContext, subnet: SubnetConfig, mode: str | None = None) -> tuple[dict, bool]:
+    """`latency_row` where the latency is measured: here, or with a latency resource as a task on a node that has
+    it, holding all of it (one measurement per device at a time)."""
+    import ray
+
+    threads = ctx.latency.threads or torch.get_num_threads()
+    if not ctx.latency.resource:
+        return latency_row(ctx, subnet, threads, mode)
+    # Outside the trial's placement group: the measurement goes wherever the resource is.
+    task = ray.remote(latency_row).options(
+        num_cpus=0, num_gpus=0, resources={ctx.latency.resource: 1}, scheduling_strategy="DEFAULT"
+    )
+    return ray.get(task.remote(ctx, subnet, threads, mode))
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -156,15 +179,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     if ctx.inject_failure:
         maybe_fail(ctx.inject_failure)
     acc = ctx.top1([subnet], ctx.search)[subnet]
-    threads = ctx.latency.threads or torch.get_num_threads()
-    if ctx.latency.resource:
-        # Outside the trial's placement group: the measurement goes wherever the resource is.
-        task = ray.remote(latency_row).options(
-            num_cpus=0, num_gpus=0, resources={ctx.latency.resource: 1}, scheduling_strategy="DEFAULT"
-        )
-        row, cached = ray.get(task.remote(ctx, subnet, threads))
-    else:
-        row, cached = latency_row(ctx, subnet, threads)
+    row, cached = measured_latency(ctx, subnet)
     result = TrialResult(
         subnet=subnet.name,
         gflops=gflops(ctx.arch, subnet, ctx.num_classes),
@@ -173,6 +188,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         latency_p10_ms=row["p10_ms"],
         latency_p90_ms=row["p90_ms"],
         latency_cached=cached,
+        compile_s=0.0 if cached else float(row.get("compile_s", 0.0)),
         uniform=subnet.is_uniform,
         trial_node=ray.get_runtime_context().get_node_id(),
         latency_node=row.get("node_id", ""),
@@ -209,7 +225,7 @@ class Progress(Callback):
         m = trial.last_result or {}
         if "top1" in m:
             r = TrialResult.from_metrics(m)
-            cached = " (cached)" if r.latency_cached else ""
+            cached = " (cached)" if r.latency_cached else (f" (compiled in {r.compile_s:.1f} s)" if r.compile_s else "")
             print(
                 f"[{self.budget}] trial {self.done}/{self.trials}: {r.subnet:<18} {r.gflops * 1e3:9.3f} MFLOPs  "
                 f"top1 {r.top1:5.1f}  latency {r.latency_ms:.3f} ms{cached}",

@@ -5,8 +5,9 @@ Pure PyTorch + timm; no Ray, MLflow or Optuna in here.
 
 from .checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
 from .config import PRESETS, ArchConfig, Preset, SubnetConfig, TrainConfig, get_arch, get_preset, keep_count
+from .export import FixedSubnet, compile_subnet, compiled_subnet, export_subnet
 from .flops import Budget, gflops, macs, parse_budget
-from .latency import LatencyResult, hardware_fingerprint, measure_latency
+from .latency import LATENCY_MODES, LatencyResult, default_latency_mode, hardware_fingerprint, measure_latency
 from .model import SuperViT
 from .train import (
     RECIPES,
@@ -33,6 +34,8 @@ __all__ = [
     "make_training",
     "train_one_epoch",
     "CheckpointError",
+    "FixedSubnet",
+    "LATENCY_MODES",
     "LatencyResult",
     "PRESETS",
     "RECIPES",
@@ -40,7 +43,11 @@ __all__ = [
     "SubnetConfig",
     "SubnetSampler",
     "SuperViT",
+    "compile_subnet",
+    "compiled_subnet",
+    "default_latency_mode",
     "distill_loss",
+    "export_subnet",
     "get_arch",
     "gflops",
     "hardware_fingerprint",

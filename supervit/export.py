@@ -1,20 +1,316 @@
-"""Deployable forms of one subnet."""
+"""Deployable forms of one subnet: a fixed module, a `torch.export` program, a compiled program.
+
+`FixedSubnet` pins a SuperViT to one (grid, keep-rate schedule): it holds only that subnet's weights (one
+position embedding), resizes its input from the dataset's resolution as the supernet does, and keeps a fixed
+number of tokens per block, so its forward has no branch on the subnet and traces into one static graph.
+`export_subnet` turns it into a `torch.export` program with a dynamic batch dimension; `compile_subnet` into a
+`torch.compile`d callable for one device; `package_subnet` into an AOTInductor package (a shared library that
+runs without Python's compiler stack). `compiled_subnet` keeps one compiled program per
+(model, subnet, device, dtype, batch, threads) for the life of the process, so a subnet is compiled once.
+"""
 
 from __future__ import annotations
 
+import copy
+import os
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+from timm.models.vision_transformer import Block
+from torch import nn
 
 from .config import SubnetConfig
+from .flops import token_counts
+from .model import SuperViT, keep_block_forward, patchify
 
-__all__ = ["FixedSubnet"]
+__all__ = [
+    "FixedSubnet",
+    "KeepTokensBlock",
+    "CompiledSubnet",
+    "COMPILE_MODES",
+    "export_subnet",
+    "compile_subnet",
+    "compiled_subnet",
+    "clear_compiled_cache",
+    "package_subnet",
+    "load_package",
+]
 
 
-class FixedSubnet(torch.nn.Module):
-    """A SuperViT pinned to one subnet: a plain ``forward(x)``."""
+class KeepTokensBlock(nn.Module):
+    """A timm `Block` that keeps a fixed number of patch tokens between its attention and its MLP."""
 
-    def __init__(self, model: torch.nn.Module, subnet: SubnetConfig) -> None:
+    def __init__(self, block: Block, num_keep: int) -> None:
         super().__init__()
-        self.model, self.subnet = model, subnet
+        self.block, self.num_keep = block, num_keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, self.subnet)
+        return keep_block_forward(self.block, x, self.num_keep)
+
+    def extra_repr(self) -> str:
+        return f"num_keep={self.num_keep}"
+
+
+class FixedSubnet(nn.Module):
+    """One subnet of a SuperViT as a plain module, for inference and export.
+
+    The weights are copied (the supernet is left as it is, and a later ``.to()`` of one never moves the other);
+    only the subnet's own position embedding is kept. Input: images at ``input_size`` (default the
+    architecture's ``img_size``, the dataset's resolution), resized bilinearly (align_corners=True) to
+    ``grid * patch`` pixels exactly as `SuperViT.forward` does. Output: logits equal to
+    ``model(x, subnet)``.
+
+    Args:
+        model: The supernet.
+        subnet: The subnet (None: the full model).
+        input_size: Side of the images the module will be given.
+    """
+
+    def __init__(self, model: SuperViT, subnet: SubnetConfig | None = None, input_size: int | None = None) -> None:
+        super().__init__()
+        arch = model.arch
+        subnet = model.resolve(subnet)
+        self.arch, self.subnet, self.num_classes = arch, subnet, model.num_classes
+        self.input_size = arch.img_size if input_size is None else int(input_size)
+        size = subnet.grid * arch.patch_size
+        # An input already at grid size is not resized, as in SuperViT.forward (bilinear to the same size is
+        # the identity only up to rounding).
+        self.resize = (
+            nn.Identity()
+            if self.input_size == size
+            else nn.Upsample(size=(size, size), mode="bilinear", align_corners=True)
+        )
+        self.patch_size = arch.patch_size
+        proj = model.patch_embed.proj
+        self.patch_weight = nn.Parameter(proj.weight.detach().reshape(proj.weight.shape[0], -1).clone())
+        self.patch_bias = None if proj.bias is None else nn.Parameter(proj.bias.detach().clone())
+        self.patch_norm = copy.deepcopy(model.patch_embed.norm)
+        self.cls_token = nn.Parameter(model.cls_token.detach().clone())
+        self.pos_embed = nn.Parameter(model.pos_embed_list[arch.grids.index(subnet.grid)].detach().clone())
+        blocks = []
+        for block, (n_attn, n_mlp) in zip(copy.deepcopy(model.blocks), token_counts(arch, subnet), strict=True):
+            blocks.append(block if n_mlp == n_attn else KeepTokensBlock(block, n_mlp - 1))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = copy.deepcopy(model.norm)
+        self.head = copy.deepcopy(model.head)
+        self.eval()
+
+    @property
+    def tokens(self) -> list[int]:
+        """Tokens (class token included) leaving each block."""
+        return [n_mlp for _, n_mlp in token_counts(self.arch, self.subnet)]
+
+    def example_input(self, batch_size: int = 2, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Random images of the size and dtype this module takes, on its device."""
+        p = self.patch_weight
+        shape = (batch_size, self.arch.in_chans, self.input_size, self.input_size)
+        return torch.randn(shape, device=p.device, dtype=dtype or p.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes) of images (B, in_chans, input_size, input_size)."""
+        x = self.patch_norm(patchify(self.resize(x), self.patch_weight, self.patch_bias, self.patch_size))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def _fixed(model: SuperViT | FixedSubnet, subnet: SubnetConfig | None, input_size: int | None) -> FixedSubnet:
+    """A new FixedSubnet of a supernet, or a copy of the FixedSubnet given (checked against ``subnet``)."""
+    if not isinstance(model, FixedSubnet):
+        return FixedSubnet(model, subnet, input_size)
+    if subnet is not None and subnet.validate(model.arch) != model.subnet:
+        raise ValueError(f"this FixedSubnet is {model.subnet}, not {subnet}")
+    if input_size is not None and input_size != model.input_size:
+        raise ValueError(f"this FixedSubnet takes {model.input_size}-pixel images, not {input_size}")
+    return copy.deepcopy(model)
+
+
+def export_subnet(
+    model: SuperViT | FixedSubnet,
+    subnet: SubnetConfig | None = None,
+    *,
+    input_size: int | None = None,
+    example_batch: int = 2,
+    max_batch: int | None = None,
+) -> torch.export.ExportedProgram:
+    """A `torch.export` program of one subnet that accepts any batch size from 1 (to ``max_batch``).
+
+    The batch dimension is an explicit ``Dim(min=1)`` and the example has ``example_batch`` >= 2 images: an
+    example batch of 1 would specialise the program to batch 1 (see STACK_NOTES). Height and width are static
+    (``input_size``). Run it with ``program.module()(x)``.
+    """
+    if example_batch < 2:
+        raise ValueError("example_batch must be at least 2 (a batch of 1 specialises the batch dimension)")
+    fixed = _fixed(model, subnet, input_size)
+    batch = torch.export.Dim("batch", min=1, max=max_batch) if max_batch else torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        return torch.export.export(fixed, (fixed.example_input(example_batch),), dynamic_shapes={"x": {0: batch}})
+
+
+# ------------------------------------------------------------------------------------------- compiled forms
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_kwargs(device: torch.device, mode: str | None) -> dict:
+    """`torch.compile` arguments for inference on ``device`` (weights frozen by the caller's config patch).
+
+    Freezing turns the weights into constants, so Inductor folds them and, on CPU, prepacks every linear
+    layer's weight once (MKL/oneDNN packed GEMM): MKL's unpacked sgemm is 2-3x slower at the few-dozen-row
+    products of a pruned subnet at batch 1. On CUDA the default is ``reduce-overhead`` (CUDA graphs): at small
+    batches a forward is a few hundred short kernels, and their launches, not their arithmetic, set the
+    latency.
+    """
+    if mode is None:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    return {"fullgraph": True, "dynamic": False, "mode": mode}
+
+
+@dataclass
+class CompiledSubnet:
+    """A compiled fixed subnet and what compiling it cost.
+
+    Call it like a module: ``compiled(x)``. ``compile_s`` is the wall time of the first call (graph capture,
+    Inductor code generation and the C++/Triton builds, plus one forward), never counted as latency.
+    """
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    module: FixedSubnet
+    device: str
+    dtype: str
+    batch_size: int
+    mode: str
+    compile_s: float
+    cudagraphs: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cudagraphs:
+            # Each call is a new step: the CUDA-graph runtime may reuse the previous call's output buffers.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.fn(x)
+
+
+def compile_subnet(
+    model: SuperViT | FixedSubnet,
+    subnet: SubnetConfig | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 1,
+    mode: str | None = None,
+    input_size: int | None = None,
+) -> CompiledSubnet:
+    """Compile one subnet for inference at ``batch_size`` on ``device`` and run it once (the compile).
+
+    Args:
+        model: A supernet (with ``subnet``) or a `FixedSubnet`; it is not modified.
+        subnet: The subnet (None: the full model, or the FixedSubnet's own).
+        device: Target device.
+        dtype: Weights and input dtype.
+        batch_size: The batch the program is specialised to (static shapes: packed GEMMs, fixed tiles).
+        mode: A `torch.compile` mode (`COMPILE_MODES`); None picks per device (see `_compile_kwargs`).
+        input_size: Side of the input images (default the architecture's ``img_size``).
+    """
+    import torch._inductor.config as inductor_config
+
+    device = torch.device(device)
+    fixed = _fixed(model, subnet, input_size).to(device=device, dtype=dtype).eval()
+    kwargs = _compile_kwargs(device, mode)
+    fn = torch.compile(fixed, **kwargs)
+    cudagraphs = device.type == "cuda" and kwargs["mode"] in ("reduce-overhead", "max-autotune")
+    compiled = CompiledSubnet(
+        fn, fixed, device.type, str(dtype).removeprefix("torch."), batch_size, kwargs["mode"], 0.0, cudagraphs
+    )
+    x = fixed.example_input(batch_size)
+    t0 = time.perf_counter()
+    # Freezing applies only to graphs compiled without autograd; it is set for this compile only.
+    with torch.inference_mode(), inductor_config.patch(freezing=True):
+        compiled(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    compiled.compile_s = time.perf_counter() - t0
+    return compiled
+
+
+# One compiled program per (model, subnet, device, dtype, batch, threads, mode) for the life of the process.
+# Keyed weakly on the supernet, so a cache entry never outlives (or serves other weights than) its model.
+_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, CompiledSubnet]] = weakref.WeakKeyDictionary()
+_CACHE_SIZE = int(os.environ.get("SUPERVIT_COMPILED_CACHE", "8"))
+
+
+def compiled_subnet(
+    model: SuperViT,
+    subnet: SubnetConfig | None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 1,
+    mode: str | None = None,
+    input_size: int | None = None,
+) -> tuple[CompiledSubnet, bool]:
+    """`compile_subnet`, cached per process; returns ``(compiled, from_cache)``.
+
+    The key includes the CPU thread count, which Inductor bakes into its C++ kernels, and the weights' version
+    (a model trained or reloaded since is compiled again). The cache holds the
+    ``SUPERVIT_COMPILED_CACHE`` (default 8) most recently used programs per model: each holds a copy of the
+    weights.
+    """
+    device = torch.device(device)
+    subnet = model.resolve(subnet)
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    # Every in-place change of a parameter (an optimizer step, load_state_dict) bumps its version: a program
+    # compiled from older weights is not served for the new ones.
+    weights = sum(p._version for p in model.parameters())
+    key = (subnet, str(device), dtype, batch_size, threads, mode, input_size, weights)
+    per_model = _CACHE.setdefault(model, OrderedDict())
+    if key in per_model:
+        per_model.move_to_end(key)
+        return per_model[key], True
+    compiled = compile_subnet(
+        model, subnet, device=device, dtype=dtype, batch_size=batch_size, mode=mode, input_size=input_size
+    )
+    per_model[key] = compiled
+    while len(per_model) > max(1, _CACHE_SIZE):
+        per_model.popitem(last=False)
+    return compiled, False
+
+
+def clear_compiled_cache() -> None:
+    """Drop every cached compiled program (and the compiler's own caches of their graphs)."""
+    _CACHE.clear()
+    torch._dynamo.reset()
+
+
+def package_subnet(
+    model: SuperViT | FixedSubnet,
+    subnet: SubnetConfig | None,
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    input_size: int | None = None,
+) -> Path:
+    """Export one subnet (dynamic batch) and compile it ahead of time with AOTInductor into ``path``.
+
+    The package (``*.pt2``) loads with `load_package` in a process that has torch but compiles nothing.
+    """
+    device = torch.device(device)
+    fixed = _fixed(model, subnet, input_size).to(device=device, dtype=dtype).eval()
+    program = export_subnet(fixed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+
+
+def load_package(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Load a `package_subnet` package as a callable ``f(x) -> logits``."""
+    runner = torch._inductor.aoti_load_package(str(path))
+    return lambda x: runner(x)

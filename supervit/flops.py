@@ -65,6 +65,13 @@ class Budget:
     text: str
     value: float
     relative: bool
+    unit: str = "GFLOPs"  # as written: GFLOPs, MFLOPs or x
+
+    @property
+    def canonical(self) -> str:
+        """The budget in its own unit, normalised: ``2.3 gflops`` -> ``2.3GFLOPs``, ``450mflops`` -> ``450MFLOPs``."""
+        number = self.value * 1e3 if self.unit == "MFLOPs" else self.value
+        return f"{number:g}{self.unit}"
 
     @classmethod
     def parse(cls, text: str) -> Budget:
@@ -79,7 +86,8 @@ class Budget:
         value, unit = float(m.group(1)), m.group(2).lower()
         if value <= 0:
             raise ValueError(f"budget {text!r} must be positive; {_ACCEPTED}")
-        return cls(str(text).strip(), value / 1e3 if unit == "mflops" else value, unit == "x")
+        units = {"gflops": "GFLOPs", "mflops": "MFLOPs", "x": "x"}
+        return cls(str(text).strip(), value / 1e3 if unit == "mflops" else value, unit == "x", units[unit])
 
     def gflops(self, arch: ArchConfig, num_classes: int = 1000) -> float:
         """The budget in GFLOPs for ``arch`` (a fraction is of its full model)."""

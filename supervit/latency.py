@@ -1,4 +1,9 @@
-"""Measured latency of a subnet: warm-up, repeated timed forwards, median and spread, hardware fingerprint."""
+"""Measured latency of a subnet as deployed: warm-up, repeated timed forwards, median and spread, hardware.
+
+What is timed is the subnet's deployable program (`supervit.export.FixedSubnet`: fixed token counts, the input
+resize included) on images at the dataset's resolution, either as it is (``eager``) or compiled for the device
+(``compiled``; the compile is timed apart and never counted as latency).
+"""
 
 from __future__ import annotations
 
@@ -12,14 +17,18 @@ import torch
 
 from .config import SubnetConfig
 
-__all__ = ["LatencyResult", "measure_latency", "hardware_fingerprint"]
+__all__ = ["LatencyResult", "LATENCY_MODES", "default_latency_mode", "measure_latency", "hardware_fingerprint"]
+
+LATENCY_MODES = ("eager", "compiled")
 
 
 @dataclass(frozen=True)
 class LatencyResult:
     """One latency measurement.
 
-    ``median_ms`` is the statistic to compare; ``p10_ms``/``p90_ms`` and ``iqr_ms`` give the spread.
+    ``median_ms`` is the statistic to compare; ``p10_ms``/``p90_ms`` and ``iqr_ms`` give the spread. ``mode``
+    is ``eager`` or ``compiled``; ``compile_s`` is what compiling the program cost (0 for eager), whether it was
+    compiled for this measurement or earlier in the process.
     """
 
     median_ms: float
@@ -34,6 +43,8 @@ class LatencyResult:
     device: str
     fingerprint: str
     hardware: str
+    mode: str = "eager"
+    compile_s: float = 0.0
 
     def to_dict(self) -> dict:
         """Flat dict for tables and logs."""
@@ -76,6 +87,18 @@ def _quantile(sorted_xs: list[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
+def default_latency_mode(device: str | torch.device) -> str:
+    """The latency mode a deployment on ``device`` runs: ``compiled`` on every device.
+
+    A subnet ships as one fixed program compiled for its device (DESIGN.md, "Deployment"). On CPU the compiled
+    program is what makes latency follow FLOPs: eager overhead and MKL's unpacked small GEMMs invert the
+    ranking of small subnets; on CUDA, eager launch overhead hides most of a pruned subnet's savings at small
+    batches. Eager stays selectable (no compile cost, e.g. for a quick search of many subnets).
+    """
+    torch.device(device)  # validates the text
+    return "compiled"
+
+
 @torch.inference_mode()
 def measure_latency(
     model: torch.nn.Module,
@@ -87,41 +110,59 @@ def measure_latency(
     runs: int = 50,
     min_time_s: float = 0.0,
     threads: int | None = None,
+    mode: str | None = None,
+    compile_mode: str | None = None,
 ) -> LatencyResult:
-    """Time forwards of ``model(x, subnet)`` on random input of the preset's size.
+    """Time forwards of ``subnet``'s deployable program on random images at the dataset's resolution.
 
     Args:
-        model: A `SuperViT` (moved to ``device`` and ``dtype`` for the measurement, then left there).
+        model: A `SuperViT`; it is not modified (the program holds its own copy of the weights).
         subnet: The subnet to time (None: the full model).
         batch_size: Images per forward.
         device: Where to run; on CUDA the timed region is synchronised.
         dtype: Weights and input dtype (float32, bfloat16, float16).
-        warmup: Untimed forwards first (allocator, kernels, caches).
+        warmup: Untimed forwards first (allocator, kernels, caches, CUDA-graph capture).
         runs: Timed forwards.
         min_time_s: Keep timing past ``runs`` until this much time is spent (steadier medians for tiny
             models).
         threads: CPU threads (``torch.set_num_threads``) for the measurement; None keeps the current value.
+        mode: ``eager`` or ``compiled`` (None: `default_latency_mode` of ``device``). A compiled program is
+            cached per process (`supervit.export.compiled_subnet`): a subnet is compiled once.
+        compile_mode: `torch.compile` mode for ``compiled`` (None: the device's default, see
+            `supervit.export.compile_subnet`).
     """
+    from .export import FixedSubnet, compiled_subnet
+
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested, but CUDA is not available")
+    mode = default_latency_mode(device) if mode is None else mode
+    if mode not in LATENCY_MODES:
+        raise ValueError(f"latency mode must be one of {', '.join(LATENCY_MODES)}, got {mode!r}")
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        model = model.to(device=device, dtype=dtype).eval()
+        compile_s = 0.0
+        if mode == "compiled":
+            # Compiled after the thread count is set: Inductor builds its CPU kernels for that many threads.
+            program, _ = compiled_subnet(
+                model, subnet, device=device, dtype=dtype, batch_size=batch_size, mode=compile_mode
+            )
+            compile_s = program.compile_s
+        else:
+            program = FixedSubnet(model, subnet).to(device=device, dtype=dtype).eval()
         arch = model.arch
-        size = arch.img_size if subnet is None else subnet.grid * arch.patch_size
-        x = torch.randn(batch_size, arch.in_chans, size, size, device=device, dtype=dtype)
+        x = torch.randn(batch_size, arch.in_chans, arch.img_size, arch.img_size, device=device, dtype=dtype)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for _ in range(warmup):
-            model(x, subnet)
+            program(x)
         sync()
         times: list[float] = []
         start_all = time.perf_counter()
         while len(times) < runs or time.perf_counter() - start_all < min_time_s:
             t0 = time.perf_counter()
-            model(x, subnet)
+            program(x)
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
         used_threads = torch.get_num_threads()
@@ -142,4 +183,6 @@ def measure_latency(
         device=device.type,
         fingerprint=fp,
         hardware=text,
+        mode=mode,
+        compile_s=compile_s,
     )

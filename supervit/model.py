@@ -18,7 +18,15 @@ from torch import nn
 
 from .config import ArchConfig, SubnetConfig, keep_count
 
-__all__ = ["SuperViT", "keep_tokens", "pruning_block_forward", "attention_with_class_row", "sincos_pos_embed"]
+__all__ = [
+    "SuperViT",
+    "keep_tokens",
+    "keep_block_forward",
+    "pruning_block_forward",
+    "attention_with_class_row",
+    "patchify",
+    "sincos_pos_embed",
+]
 
 
 def attention_with_class_row(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +69,17 @@ def keep_tokens(x: torch.Tensor, cls_attn: torch.Tensor, num_keep: int) -> tuple
         descending attention; and their indices into ``x`` (B, num_keep).
     """
     idx = cls_attn.topk(num_keep, dim=1, largest=True, sorted=True).indices + 1
-    patches = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    return torch.cat([x[:, :1], patches], dim=1), idx
+    # One gather that also takes the class token (index 0): no second copy of the kept tokens by `cat`.
+    rows = torch.cat([idx.new_zeros(idx.shape[0], 1), idx], dim=1)
+    return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1])), idx
+
+
+def keep_block_forward(block: Block, x: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """A timm `Block` forward that keeps ``num_keep`` patch tokens between its attention and its MLP."""
+    attn_out, cls_attn = attention_with_class_row(block.attn, block.norm1(x))
+    x = x + block.drop_path1(block.ls1(attn_out))
+    x, _ = keep_tokens(x, cls_attn, num_keep)
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
 def pruning_block_forward(block: Block, x: torch.Tensor, rate: float) -> torch.Tensor:
@@ -70,10 +87,17 @@ def pruning_block_forward(block: Block, x: torch.Tensor, rate: float) -> torch.T
     num_keep = keep_count(x.shape[1], rate)
     if num_keep >= x.shape[1] - 1:
         return block(x)
-    attn_out, cls_attn = attention_with_class_row(block.attn, block.norm1(x))
-    x = x + block.drop_path1(block.ls1(attn_out))
-    x, _ = keep_tokens(x, cls_attn, num_keep)
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return keep_block_forward(block, x, num_keep)
+
+
+def patchify(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, patch: int) -> torch.Tensor:
+    """Non-overlapping ``patch`` x ``patch`` patches of ``x`` (B, C, H, W) through one matrix product.
+
+    ``weight`` is the patch convolution's weight flattened to (dim, C * patch * patch); returns (B, N, dim).
+    """
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return F.linear(x.reshape(B, (H // patch) * (W // patch), C * patch * patch), weight, bias)
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
@@ -192,11 +216,9 @@ class SuperViT(nn.Module):
         Same weights and result as ``self.patch_embed`` (a stride-p conv), but cuDNN runs that conv as a slow
         implicit GEMM in bf16 (a sixth of DeiT-S's time at batch 256 on an H200); a plain GEMM does not.
         """
-        B, C, H, W = x.shape
-        p = self.arch.patch_size
-        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
         proj = self.patch_embed.proj
-        return self.patch_embed.norm(F.linear(x, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias))
+        weight = proj.weight.reshape(proj.weight.shape[0], -1)
+        return self.patch_embed.norm(patchify(x, weight, proj.bias, self.arch.patch_size))
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Class-token logits."""

@@ -83,12 +83,15 @@ def supertrain_opts(tmp_path: Path, mlflow_uri: str, **kw) -> SupertrainOptions:
 
 
 def search_opts(tmp_path: Path, mlflow_uri: str, checkpoint: Path, **kw) -> SearchOptions:
-    """A small search of a `tiny` checkpoint: few trials, short latency measurements, one CPU per trial."""
+    """A small search of a `tiny` checkpoint: few trials, short eager latency measurements (compiling costs
+    seconds a subnet; tests that need it ask for it), no latency report, one CPU per trial."""
     base = dict(
         budgets=["0.6x"],
         checkpoint=str(checkpoint),
         trials=3,
         latency_runs=3,
+        latency_mode="eager",
+        latency_report=False,
         trial_cpus=1,
         seed=1,
         storage=str(tmp_path / "ray"),
@@ -133,6 +136,7 @@ def check_supertrain_run(res, mlflow_uri: str, tmp_path: Path, workers: int, epo
     assert load_checkpoint(ckpt).arch == arch
     versions = client.search_model_versions("name='supervit-tiny'")
     assert [v.run_id for v in versions] == [res.run_id]
+    check_pyfunc(mlflow_uri, f"models:/supervit-tiny/{versions[0].version}", load_checkpoint(ckpt), arch.largest)
     assert run.data.tags["ray.storage_path"] == res.storage_path and os.path.isdir(res.storage_path)
 
 
@@ -150,6 +154,22 @@ class RecordingSGD(torch.optim.SGD):
             {n: None if p.grad is None else p.grad.clone() for n, p in zip(self.names, params, strict=True)}
         )
         return super().step(closure)
+
+
+def check_pyfunc(mlflow_uri: str, model_uri: str, supernet, subnet) -> None:
+    """The registered model, loaded with ``mlflow.pyfunc``, predicts batches of 1, 2 and 64 images exactly as the
+    library's forward of ``subnet`` does."""
+    mlflow.set_tracking_uri(mlflow_uri)
+    served = mlflow.pyfunc.load_model(model_uri)
+    arch = supernet.arch
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 64):
+        x = torch.randn(n, arch.in_chans, arch.img_size, arch.img_size, generator=g)
+        with torch.no_grad():
+            expected = supernet.eval()(x, subnet).numpy()
+        got = np.asarray(served.predict(x.numpy()))
+        assert got.shape == expected.shape, (n, got.shape)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ real photographs

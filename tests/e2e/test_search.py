@@ -1,5 +1,6 @@
 """pipeline.search end to end on a real local Ray, Optuna and MLflow (SQLite) store."""
 
+import dataclasses
 import json
 
 import mlflow
@@ -7,10 +8,11 @@ import optuna
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import search_opts
+from helpers import check_pyfunc, search_opts
 from pipeline.latency_table import LatencyTable
 from pipeline.search import search
-from supervit import get_arch, gflops
+from pipeline.space import SPACES_DIR, load_space
+from supervit import SubnetConfig, get_arch, gflops, load_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -48,7 +50,7 @@ def test_search_end_to_end_and_latency_cache(ray_session, tmp_path, mlflow_uri, 
     # Each trial's run is named after its subnet.
     assert sorted(r.info.run_name for r in nested) == sorted(r["subnet"] for r in res.trials)
     artifacts = {a.path for a in client.list_artifacts(res.parent_run_id)}
-    assert {"pareto.parquet", "pareto.png", "chosen.json", "lat.parquet", "optuna.journal"} <= artifacts
+    assert {"pareto.parquet", "pareto.png", "chosen.json", "latency_table.parquet", "optuna.journal"} <= artifacts
     local = _download(mlflow_uri, res.parent_run_id, "chosen.json", tmp_path / "dl")
     assert [c["subnet"] for c in json.load(open(local))] == [c["subnet"] for c in res.chosen]
     front = pq.read_table(_download(mlflow_uri, res.parent_run_id, "pareto.parquet", tmp_path / "dl")).to_pylist()
@@ -62,6 +64,21 @@ def test_search_end_to_end_and_latency_cache(ray_session, tmp_path, mlflow_uri, 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.constraints["flops"] <= 0]
     assert len(done) == len([r for r in res.trials if r["budget"] == "0.5x"])
 
+    # Each budget's answer is a version of the registered model, under an alias naming the budget, tagged with
+    # what it is and scored, and it predicts any batch as the library does.
+    for c in res.chosen:
+        alias = "budget-" + c["budget"].replace(".", "_")
+        version = client.get_model_version_by_alias("supervit-tiny", alias)
+        assert version.tags["subnet"] == c["subnet"] and version.tags["search_run_id"] == res.parent_run_id
+        assert float(version.tags["test_top1"]) == pytest.approx(c["test_top1"], abs=0.01)
+        assert version.tags["latency_mode"] == "eager" and version.tags["hardware"] == c["latency_hardware"]
+    check_pyfunc(
+        mlflow_uri,
+        "models:/supervit-tiny@budget-0_5x",
+        load_checkpoint(trained_checkpoint),
+        SubnetConfig.parse(res.chosen[0]["subnet"]),
+    )
+
     table = LatencyTable(tmp_path / "lat.parquet")
     assert len(table) == len({r["subnet"] for r in res.trials})
     # Same seed again: the same subnets, every latency from the table, none measured twice.
@@ -69,3 +86,24 @@ def test_search_end_to_end_and_latency_cache(ray_session, tmp_path, mlflow_uri, 
     assert [r["subnet"] for r in again.trials] == [r["subnet"] for r in res.trials]
     assert all(r["latency_cached"] for r in again.trials)
     assert len(LatencyTable(tmp_path / "lat.parquet")) == len(table)
+
+
+def test_latency_as_deployed_and_against_flops(ray_session, tmp_path, mlflow_uri, trained_checkpoint):
+    """The default mode times each subnet's compiled program (compile time apart), and the report times every
+    uniform cell and every trial in both modes, with the rank correlation of latency and FLOPs."""
+    opts = search_opts(tmp_path, mlflow_uri, trained_checkpoint, budgets=["0.3x"], trials=2, name="deployed")
+    res = search(dataclasses.replace(opts, latency_mode=None, latency_report=True))
+    assert all(r["compile_s"] > 0 for r in res.trials)  # compiled here, and not counted in the latency
+    rows = LatencyTable(tmp_path / "lat.parquet").rows.values()
+    cells = {s.name for s in load_space(SPACES_DIR / "tiny.yaml").uniform_subnets()}
+    for mode in ("eager", "compiled"):  # the two modes never share a row
+        measured = {r["subnet"] for r in rows if r["mode"] == mode}
+        assert cells | {r["subnet"] for r in res.trials} <= measured, mode
+    assert all(r["compile_s"] == 0 for r in rows if r["mode"] == "eager")
+    client = mlflow.MlflowClient(mlflow_uri)
+    artifacts = {a.path for a in client.list_artifacts(res.parent_run_id)}
+    assert {"latency_vs_flops.md", "latency_vs_flops.png"} <= artifacts
+    metrics = client.get_run(res.parent_run_id).data.metrics
+    assert -1 <= metrics["latency_flops_spearman.compiled"] <= 1 and -1 <= metrics["latency_flops_spearman.eager"] <= 1
+    report = open(_download(mlflow_uri, res.parent_run_id, "latency_vs_flops.md", tmp_path / "dl")).read()
+    assert report.count("Spearman rank correlation") == 2 and "g8_k1" in report

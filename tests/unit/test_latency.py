@@ -9,7 +9,8 @@ from supervit import SubnetConfig, SuperViT, get_arch, hardware_fingerprint, mea
 def test_measure_latency_reports_median_spread_and_hardware():
     model = SuperViT(get_arch("tiny"), num_classes=10)
     threads = torch.get_num_threads()
-    r = measure_latency(model, SubnetConfig(8, 1.0), batch_size=4, warmup=2, runs=9, threads=1)
+    r = measure_latency(model, SubnetConfig(8, 1.0), batch_size=4, warmup=2, runs=9, threads=1, mode="eager")
+    assert r.mode == "eager" and r.compile_s == 0.0
     assert r.runs == 9 and r.batch_size == 4 and r.dtype == "float32" and r.threads == 1 and r.device == "cpu"
     assert 0 < r.p10_ms <= r.median_ms <= r.p90_ms and r.iqr_ms >= 0
     assert torch.get_num_threads() == threads  # restored
@@ -20,8 +21,8 @@ def test_measure_latency_reports_median_spread_and_hardware():
 
 def test_min_time_extends_runs_and_cuda_is_checked():
     model = SuperViT(get_arch("tiny"), num_classes=10)
-    r = measure_latency(model, None, batch_size=1, warmup=1, runs=2, min_time_s=0.2)
+    r = measure_latency(model, None, batch_size=1, warmup=1, runs=2, min_time_s=0.2, mode="eager")
     assert r.runs >= 2 and r.mean_ms * r.runs >= 200  # kept timing until min_time_s had passed
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            measure_latency(model, None, device="cuda")
+            measure_latency(model, None, device="cuda", mode="eager")
