@@ -162,10 +162,10 @@ def export_subnet(
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Inductor settings of every deployed program. Freezing turns the weights into constants, so Inductor folds
-# them and, on CPU, prepacks each linear layer's weight once for MKL's packed GEMM: unpacked sgemm is 2-3x
-# slower at the few-dozen-row products of a pruned subnet at batch 1 (the CPU profile in
-# benchmarks/model_latency.py). The size and alignment asserts are Python calls around every library kernel
-# of the generated wrapper, checking a static graph on each forward: a tenth of a small model's batch-1 time.
+# them and, on CPU, prepacks each linear layer's weight once for MKL's packed GEMM: MKL's unpacked sgemm runs
+# the few-dozen-row products of a pruned DeiT-S at batch 1 2.5-3.5x slower (measured on 2 Xeon threads,
+# 384 x 1536 weights: 27 rows 27 against 95 GMAC/s, 51 rows 44 against 112), which is where the eager pruned
+# path lost most of its time. The size and alignment asserts re-check a static graph on every forward.
 DEPLOY_OPTIONS: dict = {"freezing": True, "size_asserts": False, "alignment_asserts": False}
 
 
@@ -184,8 +184,8 @@ def compile_options(
         mode = "reduce-overhead" if device.type == "cuda" else "default"
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    # On CPU the wrapper that calls the kernels is generated as C++, not Python: a third of `tiny`'s
-    # batch-1 time went to the Python wrapper's calls. (On CUDA, CUDA graphs replay without any wrapper.)
+    # On CPU the wrapper that calls the kernels is generated as C++, not Python: the Python wrapper's calls
+    # were a quarter of `tiny`'s batch-1 time. (On CUDA, CUDA graphs replay without any wrapper.)
     device_options = {"cpp_wrapper": True} if device.type == "cpu" else {}
     return mode, {**torch._inductor.list_mode_options(mode), **DEPLOY_OPTIONS, **device_options, **(options or {})}
 
