@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,10 +34,14 @@ __all__ = [
     "KeepTokensBlock",
     "CompiledSubnet",
     "COMPILE_MODES",
+    "DEPLOY_OPTIONS",
+    "compile_options",
+    "compile_module",
     "export_subnet",
     "compile_subnet",
     "compiled_subnet",
     "clear_compiled_cache",
+    "compiled_cache_size",
     "package_subnet",
     "load_package",
 ]
@@ -156,21 +161,90 @@ def export_subnet(
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+# Inductor settings of every deployed program. Freezing turns the weights into constants, so Inductor folds
+# them and, on CPU, prepacks each linear layer's weight once for MKL's packed GEMM: MKL's unpacked sgemm runs
+# the few-dozen-row products of a pruned DeiT-S at batch 1 2.5-3.5x slower (measured on 2 Xeon threads,
+# 384 x 1536 weights: 27 rows 27 against 95 GMAC/s, 51 rows 44 against 112), which is where the eager pruned
+# path lost most of its time. The size and alignment asserts re-check a static graph on every forward.
+DEPLOY_OPTIONS: dict = {"freezing": True, "size_asserts": False, "alignment_asserts": False}
 
-def _compile_kwargs(device: torch.device, mode: str | None) -> dict:
-    """`torch.compile` arguments for inference on ``device`` (weights frozen by the caller's config patch).
 
-    Freezing turns the weights into constants, so Inductor folds them and, on CPU, prepacks every linear
-    layer's weight once (MKL/oneDNN packed GEMM): MKL's unpacked sgemm is 2-3x slower at the few-dozen-row
-    products of a pruned subnet at batch 1. On CUDA the default is ``reduce-overhead`` (CUDA graphs): at small
-    batches a forward is a few hundred short kernels, and their launches, not their arithmetic, set the
-    latency.
+def compile_options(
+    device: str | torch.device, mode: str | None = None, options: dict | None = None
+) -> tuple[str, dict]:
+    """The ``(mode, inductor options)`` a deployed program is compiled with on ``device``.
+
+    Mode default: ``reduce-overhead`` on CUDA (CUDA graphs: at small batches a forward is a few hundred short
+    kernels, and their launches, not their arithmetic, set the latency), ``default`` elsewhere. The mode's own
+    options (`torch._inductor.list_mode_options`) come first, then `DEPLOY_OPTIONS` (plus the C++ wrapper on
+    CPU), then ``options``.
     """
+    device = torch.device(device)
     if mode is None:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    return {"fullgraph": True, "dynamic": False, "mode": mode}
+    # On CPU the wrapper that calls the kernels is generated as C++, not Python: the Python wrapper's calls
+    # were a quarter of `tiny`'s batch-1 time. (On CUDA, CUDA graphs replay without any wrapper.)
+    device_options = {"cpp_wrapper": True} if device.type == "cpu" else {}
+    return mode, {**torch._inductor.list_mode_options(mode), **DEPLOY_OPTIONS, **device_options, **(options or {})}
+
+
+class _Program(nn.Module):
+    """The top-level module a compile traces: a thin wrapper around the module to compile."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def _program(module: nn.Module) -> _Program:
+    """`_Program` of ``module`` whose ``forward`` has a code object of its own.
+
+    Dynamo keeps its compiled variants on the code object of the frame it compiles. Were every subnet compiled
+    through one shared ``forward``, each new program would pile another guarded variant onto it: past 8,
+    Dynamo refuses (its recompile limit), and below that every call first checks the guards of the
+    variants before its own.
+    """
+    f = _Program.forward
+    forward = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return type("_Program", (_Program,), {"forward": forward, "__module__": __name__})(module)
+
+
+def compile_module(
+    module: nn.Module,
+    example: torch.Tensor,
+    *,
+    mode: str | None = None,
+    options: dict | None = None,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], float, bool]:
+    """Compile an inference module for inputs shaped like ``example`` (static shapes) and run it once.
+
+    The module must already be on the example's device and dtype, in eval mode, and must not change
+    afterwards: its weights are frozen into the program, so no guard checks them on each call (only the
+    input's shape, dtype and device are checked). Returns ``(fn, compile_s, cudagraphs)``: the compiled
+    callable, the wall time of the compile and first call, and whether it replays CUDA graphs (then call
+    `torch.compiler.cudagraph_mark_step_begin` before each call; `CompiledSubnet` does).
+    """
+    import torch._inductor.config as inductor_config
+
+    mode, opts = compile_options(example.device, mode, options)
+    cudagraphs = example.device.type == "cuda" and bool(opts.get("triton.cudagraphs"))
+    opts = {**opts, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    fn = torch.compile(_program(module), fullgraph=True, dynamic=False, options=opts)
+    t0 = time.perf_counter()
+    # Freezing applies only to graphs compiled without autograd, and only when set in the config around the
+    # compile itself: torch.compile's ``options`` do not reach the check (the graph is compiled unfrozen).
+    with torch.inference_mode(), inductor_config.patch(freezing=bool(opts.get("freezing"))):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        fn(example)
+        if example.device.type == "cuda":
+            torch.cuda.synchronize(example.device)
+    return fn, time.perf_counter() - t0, cudagraphs
 
 
 @dataclass
@@ -206,6 +280,7 @@ def compile_subnet(
     batch_size: int = 1,
     mode: str | None = None,
     input_size: int | None = None,
+    options: dict | None = None,
 ) -> CompiledSubnet:
     """Compile one subnet for inference at ``batch_size`` on ``device`` and run it once (the compile).
 
@@ -215,34 +290,32 @@ def compile_subnet(
         device: Target device.
         dtype: Weights and input dtype.
         batch_size: The batch the program is specialised to (static shapes: packed GEMMs, fixed tiles).
-        mode: A `torch.compile` mode (`COMPILE_MODES`); None picks per device (see `_compile_kwargs`).
+        mode: A `torch.compile` mode (`COMPILE_MODES`); None picks per device (see `compile_options`).
         input_size: Side of the input images (default the architecture's ``img_size``).
+        options: Inductor options over `DEPLOY_OPTIONS` (e.g. ``{"cpp_wrapper": True}``).
     """
-    import torch._inductor.config as inductor_config
-
     device = torch.device(device)
+    mode = compile_options(device, mode)[0]
     fixed = _fixed(model, subnet, input_size).to(device=device, dtype=dtype).eval()
-    kwargs = _compile_kwargs(device, mode)
-    fn = torch.compile(fixed, **kwargs)
-    cudagraphs = device.type == "cuda" and kwargs["mode"] in ("reduce-overhead", "max-autotune")
-    compiled = CompiledSubnet(
-        fn, fixed, device.type, str(dtype).removeprefix("torch."), batch_size, kwargs["mode"], 0.0, cudagraphs
+    fn, compile_s, cudagraphs = compile_module(fixed, fixed.example_input(batch_size), mode=mode, options=options)
+    return CompiledSubnet(
+        fn, fixed, device.type, str(dtype).removeprefix("torch."), batch_size, mode, compile_s, cudagraphs
     )
-    x = fixed.example_input(batch_size)
-    t0 = time.perf_counter()
-    # Freezing applies only to graphs compiled without autograd; it is set for this compile only.
-    with torch.inference_mode(), inductor_config.patch(freezing=True):
-        compiled(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    compiled.compile_s = time.perf_counter() - t0
-    return compiled
 
 
 # One compiled program per (model, subnet, device, dtype, batch, threads, mode) for the life of the process.
 # Keyed weakly on the supernet, so a cache entry never outlives (or serves other weights than) its model.
 _CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, CompiledSubnet]] = weakref.WeakKeyDictionary()
-_CACHE_SIZE = int(os.environ.get("SUPERVIT_COMPILED_CACHE", "8"))
+_CACHE_SIZE = [int(os.environ.get("SUPERVIT_COMPILED_CACHE", "8"))]
+
+
+def compiled_cache_size(size: int | None = None) -> int:
+    """Programs kept per model by `compiled_subnet` (set it with ``size``); returns the current value."""
+    if size is not None:
+        if size < 1:
+            raise ValueError(f"the compiled-program cache holds at least 1 program, not {size}")
+        _CACHE_SIZE[0] = size
+    return _CACHE_SIZE[0]
 
 
 def compiled_subnet(
@@ -254,30 +327,49 @@ def compiled_subnet(
     batch_size: int = 1,
     mode: str | None = None,
     input_size: int | None = None,
+    options: dict | None = None,
 ) -> tuple[CompiledSubnet, bool]:
     """`compile_subnet`, cached per process; returns ``(compiled, from_cache)``.
 
     The key includes the CPU thread count, which Inductor bakes into its C++ kernels, and the weights' version
-    (a model trained or reloaded since is compiled again). The cache holds the
-    ``SUPERVIT_COMPILED_CACHE`` (default 8) most recently used programs per model: each holds a copy of the
-    weights.
+    (a model trained or reloaded since is compiled again). The cache holds the `compiled_cache_size` (default 8,
+    or ``SUPERVIT_COMPILED_CACHE``) most recently used programs per model: each holds a copy of the weights.
     """
     device = torch.device(device)
     subnet = model.resolve(subnet)
+    mode = compile_options(device, mode)[0]
+    input_size = model.arch.img_size if input_size is None else input_size
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     # Every in-place change of a parameter (an optimizer step, load_state_dict) bumps its version: a program
     # compiled from older weights is not served for the new ones.
     weights = sum(p._version for p in model.parameters())
-    key = (subnet, str(device), dtype, batch_size, threads, mode, input_size, weights)
+    key = (
+        subnet,
+        str(device),
+        dtype,
+        batch_size,
+        threads,
+        mode,
+        input_size,
+        tuple(sorted((options or {}).items())),
+        weights,
+    )
     per_model = _CACHE.setdefault(model, OrderedDict())
     if key in per_model:
         per_model.move_to_end(key)
         return per_model[key], True
     compiled = compile_subnet(
-        model, subnet, device=device, dtype=dtype, batch_size=batch_size, mode=mode, input_size=input_size
+        model,
+        subnet,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        mode=mode,
+        input_size=input_size,
+        options=options,
     )
     per_model[key] = compiled
-    while len(per_model) > max(1, _CACHE_SIZE):
+    while len(per_model) > _CACHE_SIZE[0]:
         per_model.popitem(last=False)
     return compiled, False
 

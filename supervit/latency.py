@@ -112,6 +112,7 @@ def measure_latency(
     threads: int | None = None,
     mode: str | None = None,
     compile_mode: str | None = None,
+    compile_options: dict | None = None,
 ) -> LatencyResult:
     """Time forwards of ``subnet``'s deployable program on random images at the dataset's resolution.
 
@@ -129,7 +130,8 @@ def measure_latency(
         mode: ``eager`` or ``compiled`` (None: `default_latency_mode` of ``device``). A compiled program is
             cached per process (`supervit.export.compiled_subnet`): a subnet is compiled once.
         compile_mode: `torch.compile` mode for ``compiled`` (None: the device's default, see
-            `supervit.export.compile_subnet`).
+            `supervit.export.compile_options`).
+        compile_options: Inductor options over `supervit.export.DEPLOY_OPTIONS`, for ``compiled``.
     """
     from .export import FixedSubnet, compiled_subnet
 
@@ -147,7 +149,13 @@ def measure_latency(
         if mode == "compiled":
             # Compiled after the thread count is set: Inductor builds its CPU kernels for that many threads.
             program, _ = compiled_subnet(
-                model, subnet, device=device, dtype=dtype, batch_size=batch_size, mode=compile_mode
+                model,
+                subnet,
+                device=device,
+                dtype=dtype,
+                batch_size=batch_size,
+                mode=compile_mode,
+                options=compile_options,
             )
             compile_s = program.compile_s
         else:

@@ -2,9 +2,17 @@
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from supervit import ArchConfig, FixedSubnet, SubnetConfig, SuperViT, export_subnet, measure_latency
-from supervit.export import KeepTokensBlock, clear_compiled_cache, compile_subnet, compiled_subnet
+from supervit.export import (
+    KeepTokensBlock,
+    clear_compiled_cache,
+    compile_subnet,
+    compiled_subnet,
+    load_package,
+    package_subnet,
+)
 
 SMALL = ArchConfig(
     patch_size=4,
@@ -107,11 +115,22 @@ def test_a_wrong_fixed_subnet_is_refused():
 
 @pytest.mark.slow
 def test_compiled_program_matches_and_is_cached_per_weights():
+    # Each program compiles its own exported code: a recompile limit of 1 must never be reached, however many
+    # subnets a process compiles (compiling FixedSubnet.forward itself reached Dynamo's limit of 8).
+    with torch._dynamo.config.patch(recompile_limit=1):
+        _compiled_program_matches_and_is_cached_per_weights()
+
+
+def _compiled_program_matches_and_is_cached_per_weights():
     clear_compiled_cache()
     model = _model(MICRO, num_classes=3)
     subnet = SubnetConfig(3, 0.5)
-    compiled, cached = compiled_subnet(model, subnet, batch_size=2)
+    (compiled, cached), code = run_and_get_code(compiled_subnet, model, subnet, batch_size=2)
     assert not cached and compiled.compile_s > 0 and compiled.mode == "default"
+    if torch.backends.mkl.is_available():  # frozen weights: every linear layer runs MKL's prepacked GEMM
+        calls = "\n".join(line for line in "\n".join(code).splitlines() if not line.lstrip().startswith(("#", "//")))
+        assert calls.count("aoti_torch_cpu__mkl_linear(") == 4 * MICRO.depth + 2  # qkv, proj, fc1, fc2; patch, head
+        assert "aoti_torch_cpu_addmm" not in calls
     x = torch.randn(2, 1, MICRO.img_size, MICRO.img_size)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), model(x, subnet), rtol=1e-4, atol=1e-5)
@@ -140,3 +159,15 @@ def test_measure_latency_modes_record_mode_and_compile_time():
         measure_latency(model, subnet, mode="jit")
     with pytest.raises(ValueError, match="compile mode must be one of"):
         compile_subnet(model, subnet, mode="fastest")
+
+
+@pytest.mark.slow
+def test_aot_package_takes_any_batch_size(tmp_path):
+    model = _model(MICRO, num_classes=3)
+    subnet = SubnetConfig(4, 0.5)
+    path = package_subnet(model, subnet, tmp_path / "g4_k0.5.pt2")
+    run = load_package(path)
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, MICRO.img_size, MICRO.img_size)
+        with torch.no_grad():
+            torch.testing.assert_close(run(x), model(x, subnet), rtol=1e-4, atol=1e-5)

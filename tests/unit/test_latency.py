@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from supervit import SubnetConfig, SuperViT, get_arch, hardware_fingerprint, measure_latency
+from supervit import SubnetConfig, SuperViT, default_latency_mode, get_arch, hardware_fingerprint, measure_latency
 
 
 def test_measure_latency_reports_median_spread_and_hardware():
@@ -26,3 +26,7 @@ def test_min_time_extends_runs_and_cuda_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             measure_latency(model, None, device="cuda", mode="eager")
+
+
+def test_the_default_mode_is_what_a_deployment_runs():
+    assert default_latency_mode("cpu") == "compiled" and default_latency_mode("cuda") == "compiled"

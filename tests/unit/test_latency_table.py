@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.common import UsageError
+from pipeline.cli import UsageError
 from pipeline.latency_table import KEY, LatencyTable
 
 ROOT = Path(__file__).resolve().parents[2]
