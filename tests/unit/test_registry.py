@@ -24,7 +24,7 @@ def test_budget_alias():
     assert budget_alias(" 2.3 gflops ") == "budget-2_3GFLOPs"
     assert budget_alias("450MFLOPs") == "budget-450MFLOPs"
     assert budget_alias("0.5x") == "budget-0_5x"
-    with pytest.raises(ValueError, match="cannot make an alias of budget '2.3'"):
+    with pytest.raises(ValueError, match="cannot parse budget '2.3'"):
         budget_alias("2.3")
 
 

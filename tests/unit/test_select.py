@@ -16,7 +16,20 @@ def test_pareto_front():
 
 def _result(subnet: str, top1: float, latency: float, gflops: float) -> TrialResult:
     uniform = SubnetConfig.parse(subnet).is_uniform
-    return TrialResult(subnet, gflops, top1, latency, latency, latency, False, uniform, "node", "node", "cpu")
+    return TrialResult(
+        subnet=subnet,
+        gflops=gflops,
+        top1=top1,
+        latency_ms=latency,
+        latency_p10_ms=latency,
+        latency_p90_ms=latency,
+        latency_cached=False,
+        compile_s=0.0,
+        uniform=uniform,
+        trial_node="node",
+        latency_node="node",
+        latency_hardware="cpu",
+    )
 
 
 def test_choose_prefers_accuracy_then_speed_then_flops_within_the_latency_budget():
