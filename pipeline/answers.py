@@ -100,7 +100,7 @@ def register_answers(s: SearchRun, chosen: list[dict]) -> None:
     """Each budget's subnet as a version of the registered model, with an alias naming the budget
     (``budget-2_3GFLOPs``), tagged with what it is, costs and scored, and linked to this search's run."""
     plan, arch = s.plan, s.plan.model.arch
-    name = plan.opts.registered_model or f"supervit-{arch.name}"
+    name = plan.opts.registered_model or f"supervit-{arch.name}-subnets"
     for c in chosen:
         hardware = c["latency_hardware"]
         tags = {

@@ -121,7 +121,9 @@ class SearchOptions:
     experiment: str = option(EXPERIMENT, help="MLflow experiment")
     name: str | None = option(None, help="search name in Ray storage and MLflow (default: search-<budgets>-<n>)")
     registered_model: str | None = option(
-        None, help="MLflow registered model the chosen subnets become versions of (default supervit-<preset>)"
+        None,
+        help="MLflow registered model the chosen subnets become versions of (default supervit-<preset>-subnets: "
+        "apart from the supernet's supervit-<preset>)",
     )
     seed: int = option(0, help="sampler seed")
     inject_failure: str | None = option(None, help="", cli=False)  # failure drill: see `TrialContext`

@@ -324,3 +324,13 @@ def write_photo_dataset(
     write(pq_dir / "train-00001-of-00002.parquet", rows["train"][half:])
     write(pq_dir / "test-00000-of-00001.parquet", rows["val"])
     return folder, pq_dir
+
+
+def peaked_model(arch: ArchConfig, dtype=torch.float32, num_classes: int = 7) -> SuperViT:
+    """A SuperViT with larger weights than its init: peaked attention, so subnets rank tokens distinctly."""
+    torch.manual_seed(1)
+    model = SuperViT(arch, num_classes=num_classes).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model

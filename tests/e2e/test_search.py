@@ -68,13 +68,13 @@ def test_search_end_to_end_and_latency_cache(ray_session, tmp_path, mlflow_uri, 
     # what it is and scored, and it predicts any batch as the library does.
     for c in res.chosen:
         alias = "budget-" + c["budget"].replace(".", "_")
-        version = client.get_model_version_by_alias("supervit-tiny", alias)
+        version = client.get_model_version_by_alias("supervit-tiny-subnets", alias)
         assert version.tags["subnet"] == c["subnet"] and version.tags["search_run_id"] == res.parent_run_id
         assert float(version.tags["test_top1"]) == pytest.approx(c["test_top1"], abs=0.01)
         assert version.tags["latency_mode"] == "eager" and version.tags["hardware"] == c["latency_hardware"]
     check_pyfunc(
         mlflow_uri,
-        "models:/supervit-tiny@budget-0_5x",
+        "models:/supervit-tiny-subnets@budget-0_5x",
         load_checkpoint(trained_checkpoint),
         SubnetConfig.parse(res.chosen[0]["subnet"]),
     )
