@@ -110,7 +110,9 @@ class SearchOptions:
     )
     max_bad_images: int = option(10, help="undecodable images skipped (each named in a warning) before it stops", min=0)
     decode_cpus: float = option(1.0, help="CPUs per image-decoding task of file-backed data (Ray Data)", min=0.01)
-    latency_table: str | None = option(None, help="Parquet latency table (default ./latency_table.parquet)")
+    latency_table: str | None = option(
+        None, help="latency table: a directory of Parquet parts, local or in a bucket (default ./latency_table.parquet)"
+    )
     warm_start: bool = option(True, help="start from the uniform keep-rate subnets under the budget")
     address: str | None = option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     storage: str | None = option(None, help="Ray Tune storage path (default ./ray_results)")

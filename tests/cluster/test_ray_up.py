@@ -35,7 +35,10 @@ SUPERTRAIN = (
     "python -m pipeline.supertrain --preset tiny --data synthetic --epochs 2 --batch-size 32 --warmup-epochs 0.5"
     " --workers 1 --cpus-per-worker 1 --run-name cluster-supertrain"
 )
-SEARCH = "python -m pipeline.search --budget 0.5x --trials 4 --latency-runs 5 --trial-cpus 1 --name cluster-search"
+SEARCH = (
+    "python -m pipeline.search --budget 0.5x --trials 4 --latency-runs 5 --latency-mode eager --no-latency-report "
+    "--trial-cpus 1 --name cluster-search"
+)
 
 
 @pytest.fixture

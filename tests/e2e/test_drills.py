@@ -39,7 +39,8 @@ def _nested(uri, parent):
 def test_resume_after_the_search_driver_is_killed(ray_session, tmp_path, mlflow_uri, checkpoint):
     storage = tmp_path / "ray"
     cmd = [sys.executable, "-m", "pipeline.search", "--budget", "0.6x", "--checkpoint", str(checkpoint)]
-    cmd += ["--trials", "6", "--latency-runs", "3", "--trial-cpus", "1", "--seed", "1", "--storage", str(storage)]
+    cmd += ["--trials", "6", "--latency-runs", "3", "--latency-mode", "eager", "--no-latency-report"]
+    cmd += ["--trial-cpus", "1", "--seed", "1", "--storage", str(storage)]
     cmd += ["--mlflow-uri", mlflow_uri, "--latency-table", str(tmp_path / "lat.parquet"), "--name", "drv"]
     cmd += ["--address", ray_session]
     with open(tmp_path / "driver.log", "w") as log:
