@@ -67,6 +67,17 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+# Options both commands take, defined once.
+def decode_cpus_option() -> Any:
+    """``--decode-cpus``: CPUs per Ray Data task that reads, decodes and augments file-backed images."""
+    return option(1.0, help="CPUs per image-decoding task of file-backed data (Ray Data)", min=0.01)
+
+
+def max_bad_images_option() -> Any:
+    """``--max-bad-images``: undecodable images a run skips before it stops with one line naming them."""
+    return option(10, help="undecodable images skipped (each named in a warning) before the run stops", min=0)
+
+
 def _base_type(hint: Any) -> tuple[type, bool]:
     """(scalar type, is a list) of a field's type hint: ``int | None`` -> int, ``list[str]`` -> (str, True)."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:

@@ -25,6 +25,7 @@ import torch
 from supervit import LATENCY_MODES, Budget, default_latency_mode, gflops
 from supervit.data import redact
 
+from . import cli
 from .answers import choose_answers, log_answers, register_answers, report_latency
 from .batches import held_out, raise_if_over, start_ledger
 from .cli import UsageError, option, parse_options, quiet_libraries, run_cli
@@ -108,8 +109,8 @@ class SearchOptions:
     search_images: int = option(
         10_000, help="images of the held-out split each trial evaluates: a fixed, class-balanced subset", min=1
     )
-    max_bad_images: int = option(10, help="undecodable images skipped (each named in a warning) before it stops", min=0)
-    decode_cpus: float = option(1.0, help="CPUs per image-decoding task of file-backed data (Ray Data)", min=0.01)
+    max_bad_images: int = cli.max_bad_images_option()
+    decode_cpus: float = cli.decode_cpus_option()
     latency_table: str | None = option(
         None, help="latency table: a directory of Parquet parts, local or in a bucket (default ./latency_table.parquet)"
     )

@@ -19,6 +19,7 @@ from supervit import ArchConfig, TrainConfig, get_arch, get_preset, gflops
 from supervit.data import Augment, Splits, redact
 from supervit.train import RECIPES
 
+from . import cli
 from .cli import UsageError, option, parse_options, quiet_libraries, run_cli
 from .report import accuracy_heatmap, accuracy_table, cells
 from .runs import (
@@ -101,10 +102,8 @@ class SupertrainOptions:
         "decodes images)",
         min=0.01,
     )
-    decode_cpus: float = option(1.0, help="CPUs per image-decoding task of file-backed data (Ray Data)", min=0.01)
-    max_bad_images: int = option(
-        10, help="undecodable images skipped (each named in a warning) before the run stops", min=0
-    )
+    decode_cpus: float = cli.decode_cpus_option()
+    max_bad_images: int = cli.max_bad_images_option()
     gpus_per_worker: float | None = option(
         None, help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)", min=0
     )

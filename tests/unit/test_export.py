@@ -4,21 +4,10 @@ tests/integration/test_compiled.py."""
 import pytest
 import torch
 
-from helpers import peaked_model
-from supervit import ArchConfig, FixedSubnet, SubnetConfig, export_subnet
+from helpers import SMALL, peaked_model
+from supervit import FixedSubnet, SubnetConfig, export_subnet
 from supervit.export import KeepTokensBlock
 
-SMALL = ArchConfig(
-    patch_size=4,
-    embed_dim=48,
-    depth=6,
-    num_heads=4,
-    mlp_ratio=2.0,
-    grids=(4, 6, 8),
-    prune_blocks=(1, 3, 5),
-    in_chans=3,
-    name="small",
-)
 SUBNETS = [
     SubnetConfig(8, 1.0),
     SubnetConfig(8, 0.5),
