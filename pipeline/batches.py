@@ -2,8 +2,8 @@
 
 A Ray Data pipeline (`pipeline.data`) never fails on a bad image: its row carries the error. Consumers drop such
 rows with `BadImages` (the ``collate_fn`` of ``iter_torch_batches``), which warns once per file; a run's
-`BadImageLedger` actor counts distinct bad files across its workers, trials and restarts, and past the run's cap
-(``--max-bad-images``) the consumer raises one `DataError` naming every file.
+`pipeline.ledger.BadImageLedger` actor counts distinct bad files across its workers, trials and restarts, and past
+the run's cap (``--max-bad-images``) the consumer raises one `DataError` naming every file.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from supervit.data import DataError
 
 __all__ = [
     "BadImages",
-    "BadImageLedger",
-    "start_ledger",
     "run_bad_images",
     "raise_if_over",
     "too_many_bad_images",
@@ -100,39 +98,6 @@ class BadImages(NumpyBatchCollateFn):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
-
-
-class BadImageLedger:
-    """The undecodable images of a whole run, across its workers, trials and restarts (a Ray actor).
-
-    A worker's `BadImages` counts what that worker met; the cap a user sets (``--max-bad-images``) is for the
-    run, so each newly met file is added here, and the run stops once more than ``cap`` distinct files are bad.
-    """
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.names: list[str] = []
-
-    def add(self, text: str) -> int:
-        """Record one bad file (its warning text); the run's count so far."""
-        if text not in self.names:
-            self.names.append(text)
-        return len(self.names)
-
-    def over(self) -> bool:
-        """Whether the run met more bad files than its cap."""
-        return len(self.names) > self.cap
-
-    def report(self) -> list[str]:
-        """Every bad file met, with its reason, in the order first met."""
-        return list(self.names)
-
-
-def start_ledger(cap: int):
-    """A `BadImageLedger` actor for one run (no CPU of its own)."""
-    import ray
-
-    return ray.remote(BadImageLedger).options(num_cpus=0).remote(cap)
 
 
 def too_many_bad_images(names: list[str], cap: int) -> DataError:

@@ -27,9 +27,10 @@ from supervit.data import redact
 
 from . import cli
 from .answers import choose_answers, log_answers, register_answers, report_latency
-from .batches import held_out, raise_if_over, start_ledger
+from .batches import held_out, raise_if_over
 from .cli import UsageError, option, parse_options, quiet_libraries, run_cli
 from .latency_table import LatencyTable, arch_key
+from .ledger import start_ledger
 from .plan import SearchPlan, SearchRun, plan_search, task_resources
 from .report import answer_table
 from .runs import (

@@ -20,8 +20,8 @@ def streamed_data(opts: SupertrainOptions, splits: Splits) -> tuple[Streamed | N
     the workers need besides; (None, None) for in-memory data, which the workers load themselves."""
     from supervit.data import FileImages
 
-    from .batches import start_ledger
     from .data import eval_dataset, train_dataset
+    from .ledger import start_ledger
     from .worker import Streamed
 
     if not isinstance(splits.train, FileImages):

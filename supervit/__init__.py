@@ -1,62 +1,87 @@
 """SuperViT: one Vision Transformer for many compute budgets (token grids x token keep rates).
 
 Pure PyTorch + timm; no Ray, MLflow or Optuna in here.
+
+The names below load on first use: a process that needs only `supervit.config` or `supervit.data` (a data-loading
+task, a small actor) does not pay for importing timm, which takes seconds.
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint
-from .config import PRESETS, ArchConfig, Preset, SubnetConfig, TrainConfig, get_arch, get_preset, keep_count
-from .export import FixedSubnet, compile_subnet, compiled_subnet, export_subnet
-from .flops import Budget, gflops, macs, parse_budget
-from .latency import LATENCY_MODES, LatencyResult, default_latency_mode, hardware_fingerprint, measure_latency
-from .model import SuperViT
-from .train import (
-    RECIPES,
-    EpochStats,
-    Role,
-    SubnetSampler,
-    Training,
-    distill_loss,
-    evaluate,
-    make_training,
-    supertrain_step,
-    train_one_epoch,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ArchConfig",
-    "Budget",
-    "EpochStats",
-    "Preset",
-    "TrainConfig",
-    "Training",
-    "evaluate",
-    "get_preset",
-    "make_training",
-    "train_one_epoch",
-    "CheckpointError",
-    "FixedSubnet",
-    "LATENCY_MODES",
-    "LatencyResult",
-    "PRESETS",
-    "RECIPES",
-    "Role",
-    "SubnetConfig",
-    "SubnetSampler",
-    "SuperViT",
-    "compile_subnet",
-    "compiled_subnet",
-    "default_latency_mode",
-    "distill_loss",
-    "export_subnet",
-    "get_arch",
-    "gflops",
-    "hardware_fingerprint",
-    "keep_count",
-    "load_checkpoint",
-    "load_pretrained",
-    "macs",
-    "measure_latency",
-    "parse_budget",
-    "save_checkpoint",
-    "supertrain_step",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the submodule that defines it
+_EXPORTS = {
+    "CheckpointError": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "load_pretrained": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "PRESETS": "config",
+    "ArchConfig": "config",
+    "Preset": "config",
+    "SubnetConfig": "config",
+    "TrainConfig": "config",
+    "get_arch": "config",
+    "get_preset": "config",
+    "keep_count": "config",
+    "FixedSubnet": "export",
+    "compile_subnet": "export",
+    "compiled_subnet": "export",
+    "export_subnet": "export",
+    "Budget": "flops",
+    "gflops": "flops",
+    "macs": "flops",
+    "parse_budget": "flops",
+    "LATENCY_MODES": "latency",
+    "LatencyResult": "latency",
+    "default_latency_mode": "latency",
+    "hardware_fingerprint": "latency",
+    "measure_latency": "latency",
+    "SuperViT": "model",
+    "RECIPES": "train",
+    "EpochStats": "train",
+    "Role": "train",
+    "SubnetSampler": "train",
+    "Training": "train",
+    "distill_loss": "train",
+    "evaluate": "train",
+    "make_training": "train",
+    "supertrain_step": "train",
+    "train_one_epoch": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from .checkpoint import CheckpointError, load_checkpoint, load_pretrained, save_checkpoint  # noqa: F401
+    from .config import PRESETS, ArchConfig, Preset, SubnetConfig, TrainConfig, get_arch, get_preset, keep_count  # noqa: F401
+    from .export import FixedSubnet, compile_subnet, compiled_subnet, export_subnet  # noqa: F401
+    from .flops import Budget, gflops, macs, parse_budget  # noqa: F401
+    from .latency import LATENCY_MODES, LatencyResult, default_latency_mode, hardware_fingerprint, measure_latency  # noqa: F401
+    from .model import SuperViT  # noqa: F401
+    from .train import (  # noqa: F401
+        RECIPES,
+        EpochStats,
+        Role,
+        SubnetSampler,
+        Training,
+        distill_loss,
+        evaluate,
+        make_training,
+        supertrain_step,
+        train_one_epoch,
+    )

@@ -1,5 +1,6 @@
-"""Failure drills for the search: a killed trial, and a killed driver then --resume."""
+"""Failure drills for the search: a killed driver then --resume, and a killed trial."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import time
 import mlflow
 import pytest
 
-from helpers import search_opts, tiny_checkpoint
+from helpers import tiny_checkpoint
 from pipeline.search import SearchOptions, search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -21,22 +22,15 @@ def checkpoint(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", trained=False)
 
 
-def test_killed_trial_is_retried_and_only_finished_trials_are_chosen(ray_session, tmp_path, mlflow_uri, checkpoint):
-    marker = tmp_path / "killed"
-    res = search(search_opts(tmp_path, mlflow_uri, checkpoint, inject_failure=str(marker), name="kill"))
-    assert marker.exists()  # a trial process really died
-    assert len(res.trials) == 3  # ... and was retried: every trial finished
-    best = max(res.trials, key=lambda r: (r["top1"], -r["latency_ms"], -r["gflops"]))
-    assert res.chosen[0]["subnet"] == best["subnet"]
-
-
 def _nested(uri, parent):
     client = mlflow.MlflowClient(uri)
     exp = client.get_run(parent).info.experiment_id
     return client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
 
 
-def test_resume_after_the_search_driver_is_killed(ray_session, tmp_path, mlflow_uri, checkpoint):
+def test_resume_after_the_search_driver_is_killed_then_a_trial_is_killed(ray_session, tmp_path, mlflow_uri, checkpoint):
+    """Two failure drills on one search: the driver killed mid-search, then --resume; in the resumed search a
+    trial's process killed, and the trial retried. Every trial finishes once; the answer is the best of them."""
     storage = tmp_path / "ray"
     cmd = [sys.executable, "-m", "pipeline.search", "--budget", "0.6x", "--checkpoint", str(checkpoint)]
     cmd += ["--trials", "6", "--latency-runs", "3", "--latency-mode", "eager", "--no-latency-report"]
@@ -66,9 +60,14 @@ def test_resume_after_the_search_driver_is_killed(ray_session, tmp_path, mlflow_
     console = (tmp_path / "driver.log").read_text()  # what the user read: one line per trial, nothing of Ray's
     assert console.count("[0.6x] trial ") >= 2 and "pid=" not in console and "study created" not in console, console
     parent = json.loads(state_file.read_text())["mlflow_run_id"]
-    res = search(SearchOptions(resume="", storage=str(storage), mlflow_uri=mlflow_uri, address=ray_session))
+    marker = tmp_path / "killed"
+    resume = SearchOptions(resume="", storage=str(storage), mlflow_uri=mlflow_uri, address=ray_session)
+    res = search(dataclasses.replace(resume, inject_failure=str(marker)))
     assert res.parent_run_id == parent
-    assert len(res.trials) == 6 and len({r["subnet"] for r in res.trials}) == 6
+    assert marker.exists()  # a trial process of the resumed search really died ...
+    assert len(res.trials) == 6 and len({r["subnet"] for r in res.trials}) == 6  # ... and was retried
+    best = max(res.trials, key=lambda r: (r["top1"], -r["latency_ms"], -r["gflops"]))
+    assert res.chosen[0]["subnet"] == best["subnet"]
     names = [r.info.run_name for r in _nested(mlflow_uri, parent) if "top1" in r.data.metrics]
     for subnet in finished:  # a trial the killed driver had finished ran exactly once
         assert names.count(subnet) == 1, (subnet, names)

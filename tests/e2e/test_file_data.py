@@ -23,26 +23,29 @@ BROKEN = ("zz_truncated.jpg", "zz_not_an_image.png")
 
 @pytest.fixture
 def folder_with_bad_images(photos, tmp_path):
-    """The photo ImageFolder plus two undecodable files at the end of one training class."""
+    """The photo ImageFolder plus two undecodable files at the end of one training class, and one more good
+    photo: 30 training files, so the batch sizes below use every file of every epoch (a bad file is met each time,
+    never left out as a remainder)."""
     root = tmp_path / "photos"
     shutil.copytree(photos[0], root)
     jpeg = next((root / "train" / "class_0").glob("*.jpg")).read_bytes()
+    (root / "train" / "class_1" / "zz_copy.jpg").write_bytes(jpeg)
     (root / "train" / "class_0" / BROKEN[0]).write_bytes(jpeg[: len(jpeg) // 3])
     (root / "train" / "class_0" / BROKEN[1]).write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
     return root
 
 
-def test_image_folder_trains_and_searches_skipping_bad_images(
-    ray_session, tmp_path, mlflow_uri, folder_with_bad_images, capsys
+def test_image_folder_trains_and_searches_skipping_bad_images_then_searches_a_bucket(
+    ray_session, tmp_path, mlflow_uri, folder_with_bad_images, s3_bucket, capsys
 ):
     data = str(folder_with_bad_images)
-    # 29 training files, 14 a worker: one batch of 14 each, so drop_last never leaves a bad file out of an epoch
-    # (only the split's odd row is left out, a different one each epoch).
-    opts = supertrain_opts(tmp_path, mlflow_uri, data=data, batch_size=14, max_bad_images=5, name="photos", **SHARE)
+    # 30 training files, 15 a worker: one batch of 15 each, nothing left out.
+    opts = supertrain_opts(tmp_path, mlflow_uri, data=data, batch_size=15, max_bad_images=5, name="photos", **SHARE)
     res = supertrain(opts)
     client = mlflow.MlflowClient(mlflow_uri)
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["dataset"] == f"imagefolder:{data}"
+    assert run.data.params["train_size"] == "30" and 0 <= res.table["g8_k1"]["test_top1"] <= 100
     assert metric_steps(mlflow_uri, res.run_id, "top1/full") == [0, 1]
     # Both bad files were skipped, counted once each for the run (two workers, two epochs), and named.
     counts = [m.value for m in sorted(client.get_metric_history(res.run_id, "bad_images"), key=lambda m: m.step)]
@@ -54,20 +57,18 @@ def test_image_folder_trains_and_searches_skipping_bad_images(
     assert len(out.trials) == 2 and 0 <= out.chosen[0]["test_top1"] <= 100
     assert client.get_run(out.parent_run_id).data.params["search_size"] == "3"  # 5% of train, one per class
 
-
-def test_parquet_in_a_bucket_trains_and_searches(ray_session, tmp_path, mlflow_uri, s3_bucket):
-    data = s3_bucket("parquet")
-    res = supertrain(supertrain_opts(tmp_path, mlflow_uri, data=data, epochs=1, batch_size=8, workers=1, **SHARE))
-    params = mlflow.MlflowClient(mlflow_uri).get_run(res.run_id).data.params
+    # The same supernet searched on the photos' Parquet twin in a bucket (--data: same classes, same images).
+    bucket = s3_bucket("parquet")
+    out = search(search_opts(tmp_path, mlflow_uri, res.run_id, data=bucket, trials=2, decode_cpus=0.5, name="b"))
+    assert len(out.trials) == 2 and 0 <= out.chosen[0]["test_top1"] <= 100
+    params = client.get_run(out.parent_run_id).data.params
     assert params["data"].startswith("s3://***@datasets/photos/parquet")  # no credentials in MLflow
-    assert params["train_size"] == "27" and res.table["g8_k1"]["test_top1"] >= 0
-    out = search(search_opts(tmp_path, mlflow_uri, res.run_id, data=data, trials=2, decode_cpus=0.5))
-    assert len(out.trials) == 2
+    assert params["search_size"] == "3"
 
 
 def test_too_many_bad_images_stop_the_run_with_one_line(ray_session, tmp_path, mlflow_uri, folder_with_bad_images):
     cmd = [sys.executable, "-m", "pipeline.supertrain", "--data", str(folder_with_bad_images), "--epochs", "2"]
-    cmd += ["--batch-size", "8", "--workers", "1", "--cpus-per-worker", "0.5", "--decode-cpus", "0.5"]
+    cmd += ["--batch-size", "30", "--workers", "1", "--cpus-per-worker", "0.5", "--decode-cpus", "0.5"]
     cmd += ["--max-bad-images", "1", "--storage", str(tmp_path / "ray"), "--mlflow-uri", mlflow_uri]
     cmd += ["--address", ray_session]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

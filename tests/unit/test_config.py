@@ -119,3 +119,20 @@ def test_budget_is_parsed_once_then_resolved_per_architecture():
     assert b.gflops(get_arch("deit_s")) == pytest.approx(0.5 * gflops(get_arch("deit_s")))
     assert b.gflops(get_arch("tiny"), 10) == pytest.approx(0.5 * gflops(get_arch("tiny"), None, 10))
     assert Budget.parse("450MFLOPs").gflops(get_arch("tiny")) == pytest.approx(0.45)
+
+
+def test_package_names_load_on_use():
+    """Every name the package exports resolves to its submodule's object; a process that only reads data or
+    configs (a Ray Data task, a small actor) does not import timm."""
+    import importlib
+    import subprocess
+    import sys
+
+    import supervit
+
+    for name in supervit.__all__:
+        assert getattr(supervit, name) is getattr(importlib.import_module(f"supervit.{supervit._EXPORTS[name]}"), name)
+    with pytest.raises(AttributeError):
+        supervit.no_such_name  # noqa: B018
+    code = "import sys, supervit.data, supervit.config, pipeline.ledger; print('timm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
