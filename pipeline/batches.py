@@ -47,12 +47,18 @@ class BadImages(NumpyBatchCollateFn):
         rows: Rows dropped so far (a file counts once per time it was met).
     """
 
-    def __init__(self, cap: int = 10, warn: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        cap: int = 10,
+        warn: Callable[[str], None] | None = None,
+        on_new: Callable[[str, str], None] | None = None,
+    ):
         super().__init__()
         if cap < 0:
             raise ValueError(f"cap must be >= 0, got {cap}")
         self.cap = cap
         self.warn = warn or log.warning
+        self.on_new = on_new  # called with (file, "<file>: <reason>") for each file met the first time
         self.names: list[str] = []
         self.rows = 0
         self._seen: set[str] = set()
@@ -84,6 +90,8 @@ class BadImages(NumpyBatchCollateFn):
                     self._seen.add(source)
                     self.names.append(error)
                     self.warn(f"skipping undecodable image {error}")
+                    if self.on_new is not None:
+                        self.on_new(source, error)
             if len(self.names) > self.cap:
                 raise DataError(
                     f"{len(self.names)} undecodable images, more than --max-bad-images {self.cap}: "
@@ -121,10 +129,12 @@ def run_bad_images(ledger, cap: int, say: Callable[[str], None] | None = None) -
 
     def warn(text: str) -> None:
         (say or log.warning)(f"warning: {text}")
-        if ray.get(ledger.add.remote(text.removeprefix("skipping undecodable image "))) > cap:
+
+    def on_new(source: str, error: str) -> None:
+        if ray.get(ledger.add.remote(source, error)) > cap:
             raise too_many_bad_images(ray.get(ledger.report.remote()), cap)
 
-    return BadImages(cap=2**62, warn=warn)  # the ledger holds the run's cap
+    return BadImages(cap=2**62, warn=warn, on_new=on_new)  # the ledger holds the run's cap
 
 
 class Batches:

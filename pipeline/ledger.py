@@ -14,12 +14,12 @@ class BadImageLedger:
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.names: list[str] = []
+        self.names: dict[str, str] = {}  # file -> "<file>: <reason>", in the order first met
 
-    def add(self, text: str) -> int:
-        """Record one bad file (its warning text); the run's count so far."""
-        if text not in self.names:
-            self.names.append(text)
+    def add(self, source: str, text: str) -> int:
+        """Record one bad file (``text``: the file and why it failed); the run's count of distinct files so far.
+        A file met again (another worker, epoch or trial; the reason may read differently) is counted once."""
+        self.names.setdefault(source, text)
         return len(self.names)
 
     def over(self) -> bool:
@@ -28,7 +28,7 @@ class BadImageLedger:
 
     def report(self) -> list[str]:
         """Every bad file met, with its reason, in the order first met."""
-        return list(self.names)
+        return list(self.names.values())
 
 
 def start_ledger(cap: int):

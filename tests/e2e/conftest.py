@@ -15,10 +15,18 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault(
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1"
+    )  # notice a killed worker sooner than the default 2 s
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "object_store_memory": 300 * 2**20, "include_dashboard": False},
+        # Ports of its own (Ray picks the rest): a parallel pytest worker may run its own cluster beside it.
+        head_node_args={
+            "num_cpus": 1,
+            "object_store_memory": 300 * 2**20,
+            "include_dashboard": False,
+            "dashboard_agent_listen_port": None,
+        },
     )
     worker = cluster.add_node(num_cpus=1, resources={LATENCY_RESOURCE: 1}, object_store_memory=300 * 2**20)
     cluster.wait_for_nodes()

@@ -33,7 +33,7 @@ def test_supertrain_then_search_across_two_nodes(ray_cluster, ray_session, tmp_p
     client = mlflow.MlflowClient(mlflow_uri)
     assert set(client.get_run(res.run_id).data.tags["ray.worker_nodes"].split(",")) == nodes  # a worker a node
 
-    kw = dict(budgets=["0.5x", "4MFLOPs"], trials=4, seed=3, latency_runs=5, address=ray_session)
+    kw = dict(budgets=["0.5x", "4MFLOPs"], trials=3, seed=3, latency_runs=5, address=ray_session)
     kw |= dict(latency_resource=LATENCY_RESOURCE, latency_threads=1, concurrent=2)
     out = search(search_opts(tmp_path, mlflow_uri, res.run_id, name="first", **kw))
     supernet = load_checkpoint(_ckpt(mlflow_uri, res.run_id, tmp_path))
@@ -41,7 +41,7 @@ def test_supertrain_then_search_across_two_nodes(ray_cluster, ray_session, tmp_p
     assert [c["budget"] for c in out.chosen] == ["0.5x", "4MFLOPs"]
     for c in out.chosen:
         rows = [r for r in out.trials if r["budget"] == c["budget"]]
-        assert 1 <= len(rows) <= 4
+        assert 1 <= len(rows) <= 3
         assert len({r["subnet"] for r in rows}) == len(rows)  # no subnet evaluated twice
         assert all(r["gflops"] <= budgets[c["budget"]] for r in rows)  # nothing over budget was run
         best = max(rows, key=lambda r: (r["top1"], -r["latency_ms"], -r["gflops"]))
