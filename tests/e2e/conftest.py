@@ -15,9 +15,12 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ.setdefault(
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1"
-    )  # notice a killed worker sooner than the default 2 s
+    # Notice a killed worker sooner than the default 2 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+    # The nodes' agents sample every process's metrics every 5 s by default; nothing here reads them, and on two
+    # cores that sampling is CPU the tests need. No usage reports either.
+    os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cluster = Cluster(
         initialize_head=True,
         # Ports of its own (Ray picks the rest): a parallel pytest worker may run its own cluster beside it.

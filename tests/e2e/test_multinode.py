@@ -93,9 +93,10 @@ def test_supertrain_then_search_across_two_nodes(ray_cluster, ray_session, tmp_p
 
     table = LatencyTable(tmp_path / "lat.parquet")
     assert len(table) == len({r["subnet"] for r in out.trials})
-    # Same seed again: the same subnets, every latency from the table, none measured twice.
-    again = search(search_opts(tmp_path, mlflow_uri, res.run_id, name="second", **kw))
-    assert sorted(r["subnet"] for r in again.trials) == sorted(r["subnet"] for r in out.trials)
+    # The first budget again, same seed: the same subnets, every latency from the table, none measured twice.
+    again = search(search_opts(tmp_path, mlflow_uri, res.run_id, name="second", **(kw | dict(budgets=["0.5x"]))))
+    first = [r["subnet"] for r in out.trials if r["budget"] == "0.5x"]
+    assert sorted(r["subnet"] for r in again.trials) == sorted(first)
     assert all(r["latency_cached"] for r in again.trials)
     assert len(LatencyTable(tmp_path / "lat.parquet")) == len(table)
 
