@@ -93,10 +93,7 @@ class BadImages(NumpyBatchCollateFn):
                     if self.on_new is not None:
                         self.on_new(source, error)
             if len(self.names) > self.cap:
-                raise DataError(
-                    f"{len(self.names)} undecodable images, more than --max-bad-images {self.cap}: "
-                    + "; ".join(self.names)
-                )
+                raise too_many_bad_images(self.names, self.cap)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

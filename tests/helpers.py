@@ -101,8 +101,14 @@ def search_opts(tmp_path: Path, mlflow_uri: str, checkpoint: Path, **kw) -> Sear
     return SearchOptions(**{**base, **kw})
 
 
-def check_supertrain_run(res, mlflow_uri: str, tmp_path: Path, workers: int, epochs: int) -> None:
-    """Params, per-epoch metrics, final table, artifacts, checkpoint and registered model of a finished run."""
+def download(uri: str, run_id: str, path: str, dst: Path) -> str:
+    """Download artifact ``path`` of run ``run_id`` into ``dst``; its local path."""
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=uri, dst_path=str(dst))
+
+
+def check_supertrain_run(res, mlflow_uri: str, tmp_path: Path, workers: int, epochs: int):
+    """Params, per-epoch metrics, final table, artifacts, checkpoint and registered model of a finished run;
+    returns the supernet of its logged checkpoint."""
     from supervit import load_checkpoint
 
     client = mlflow.MlflowClient(mlflow_uri)
@@ -127,17 +133,13 @@ def check_supertrain_run(res, mlflow_uri: str, tmp_path: Path, workers: int, epo
     assert "| grid \\ keep |" in run.data.tags["mlflow.note.content"]
     results = {os.path.basename(a.path) for a in client.list_artifacts(res.run_id, "results")}
     assert results == {"accuracy_table.md", "accuracy_table.csv", "accuracy_table.png"}
-    ckpt = mlflow.artifacts.download_artifacts(
-        run_id=res.run_id,
-        artifact_path="checkpoint/model.safetensors",
-        tracking_uri=mlflow_uri,
-        dst_path=str(tmp_path / "dl"),
-    )
-    assert load_checkpoint(ckpt).arch == arch
+    supernet = load_checkpoint(download(mlflow_uri, res.run_id, "checkpoint/model.safetensors", tmp_path / "dl"))
+    assert supernet.arch == arch
     versions = client.search_model_versions("name='supervit-tiny'")
     assert [v.run_id for v in versions] == [res.run_id]
-    check_pyfunc(mlflow_uri, f"models:/supervit-tiny/{versions[0].version}", load_checkpoint(ckpt), arch.largest)
+    check_pyfunc(mlflow_uri, f"models:/supervit-tiny/{versions[0].version}", supernet, arch.largest)
     assert run.data.tags["ray.storage_path"] == res.storage_path and os.path.isdir(res.storage_path)
+    return supernet
 
 
 class RecordingSGD(torch.optim.SGD):

@@ -70,16 +70,8 @@ def test_too_many_bad_images_stop_the_run_with_one_line(ray_session, tmp_path, m
     cmd = [sys.executable, "-m", "pipeline.supertrain", "--data", str(folder_with_bad_images), "--epochs", "2"]
     cmd += ["--batch-size", "30", "--workers", "1", "--cpus-per-worker", "0.5", "--decode-cpus", "0.5"]
     # No worker-group restarts: each would stop on the same line, only later.
-    cmd += [
-        "--max-bad-images",
-        "1",
-        "--max-failures",
-        "0",
-        "--storage",
-        str(tmp_path / "ray"),
-        "--mlflow-uri",
-        mlflow_uri,
-    ]
+    cmd += ["--max-bad-images", "1", "--max-failures", "0", "--storage", str(tmp_path / "ray")]
+    cmd += ["--mlflow-uri", mlflow_uri]
     cmd += ["--address", ray_session]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

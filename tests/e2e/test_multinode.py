@@ -9,17 +9,13 @@ import optuna
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import LATENCY_RESOURCE, check_pyfunc, check_supertrain_run, search_opts, supertrain_opts
+from helpers import LATENCY_RESOURCE, check_pyfunc, check_supertrain_run, download, search_opts, supertrain_opts
 from pipeline.latency_table import LatencyTable
 from pipeline.search import search
 from pipeline.supertrain import supertrain
-from supervit import SubnetConfig, gflops, load_checkpoint
+from supervit import SubnetConfig, gflops
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def _download(uri: str, run_id: str, path: str, dst) -> str:
-    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=uri, dst_path=str(dst))
 
 
 def test_supertrain_then_search_across_two_nodes(ray_cluster, ray_session, tmp_path, mlflow_uri):
@@ -29,14 +25,13 @@ def test_supertrain_then_search_across_two_nodes(ray_cluster, ray_session, tmp_p
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 2
     res = supertrain(supertrain_opts(tmp_path, mlflow_uri, name="multi", address=ray_session))
-    check_supertrain_run(res, mlflow_uri, tmp_path, workers=2, epochs=2)
+    supernet = check_supertrain_run(res, mlflow_uri, tmp_path, workers=2, epochs=2)
     client = mlflow.MlflowClient(mlflow_uri)
     assert set(client.get_run(res.run_id).data.tags["ray.worker_nodes"].split(",")) == nodes  # a worker a node
 
     kw = dict(budgets=["0.5x", "4MFLOPs"], trials=3, seed=3, latency_runs=5, address=ray_session)
     kw |= dict(latency_resource=LATENCY_RESOURCE, latency_threads=1, concurrent=2)
     out = search(search_opts(tmp_path, mlflow_uri, res.run_id, name="first", **kw))
-    supernet = load_checkpoint(_ckpt(mlflow_uri, res.run_id, tmp_path))
     budgets = {"0.5x": 0.5 * gflops(supernet.arch, None, supernet.num_classes), "4MFLOPs": 0.004}
     assert [c["budget"] for c in out.chosen] == ["0.5x", "4MFLOPs"]
     for c in out.chosen:
@@ -67,12 +62,12 @@ def test_supertrain_then_search_across_two_nodes(ray_cluster, ray_session, tmp_p
     assert sorted(r.info.run_name for r in nested) == sorted(r["subnet"] for r in out.trials)
     artifacts = {a.path for a in client.list_artifacts(out.parent_run_id)}
     assert {"pareto.parquet", "pareto.png", "chosen.json", "latency_table.parquet", "optuna.journal"} <= artifacts
-    local = _download(mlflow_uri, out.parent_run_id, "chosen.json", tmp_path / "dl")
+    local = download(mlflow_uri, out.parent_run_id, "chosen.json", tmp_path / "dl")
     assert [c["subnet"] for c in json.load(open(local))] == [c["subnet"] for c in out.chosen]
-    front = pq.read_table(_download(mlflow_uri, out.parent_run_id, "pareto.parquet", tmp_path / "dl")).to_pylist()
+    front = pq.read_table(download(mlflow_uri, out.parent_run_id, "pareto.parquet", tmp_path / "dl")).to_pylist()
     assert len(front) == len(out.trials) and any(r["pareto"] for r in front)
     # The Optuna study of each budget, as optuna-dashboard opens it: every evaluated subnet is a finished trial.
-    journal = _download(mlflow_uri, out.parent_run_id, "optuna.journal", tmp_path / "dl")
+    journal = download(mlflow_uri, out.parent_run_id, "optuna.journal", tmp_path / "dl")
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
     assert sorted(s.study_name for s in optuna.get_all_study_summaries(storage)) == ["first-0.5x", "first-4MFLOPs"]
     study = optuna.load_study(study_name="first-0.5x", storage=storage)
@@ -99,7 +94,3 @@ def test_supertrain_then_search_across_two_nodes(ray_cluster, ray_session, tmp_p
     assert sorted(r["subnet"] for r in again.trials) == sorted(first)
     assert all(r["latency_cached"] for r in again.trials)
     assert len(LatencyTable(tmp_path / "lat.parquet")) == len(table)
-
-
-def _ckpt(uri: str, run_id: str, tmp_path) -> str:
-    return _download(uri, run_id, "checkpoint/model.safetensors", tmp_path / "ckpt")

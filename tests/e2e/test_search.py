@@ -5,16 +5,12 @@ import dataclasses
 import mlflow
 import pytest
 
-from helpers import search_opts
+from helpers import download, search_opts
 from pipeline.latency_table import LatencyTable
 from pipeline.search import search
 from pipeline.space import load_space
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def _download(uri: str, run_id: str, path: str, dst) -> str:
-    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=uri, dst_path=str(dst))
 
 
 def test_latency_as_deployed_and_against_flops(ray_session, tmp_path, mlflow_uri, trained_checkpoint):
@@ -38,5 +34,5 @@ def test_latency_as_deployed_and_against_flops(ray_session, tmp_path, mlflow_uri
     assert {"latency_vs_flops.md", "latency_vs_flops.png"} <= artifacts
     metrics = client.get_run(res.parent_run_id).data.metrics
     assert -1 <= metrics["latency_flops_spearman.compiled"] <= 1 and -1 <= metrics["latency_flops_spearman.eager"] <= 1
-    report = open(_download(mlflow_uri, res.parent_run_id, "latency_vs_flops.md", tmp_path / "dl")).read()
+    report = open(download(mlflow_uri, res.parent_run_id, "latency_vs_flops.md", tmp_path / "dl")).read()
     assert report.count("Spearman rank correlation") == 2 and "g4_k1" in report
