@@ -176,6 +176,21 @@ def test_parquet_and_folder_in_an_s3_bucket(photos, s3_bucket):
     assert len(epoch(eval_dataset(folder.test))[0]) == 12
 
 
+def test_run_files_on_a_bucket(s3_bucket):
+    """`--storage s3://...`: the run's state file is written, read back and found for `--resume NAME`."""
+    from pipeline.cli import UsageError
+    from pipeline.runs import find_resume, read_run_file, write_run_file
+
+    storage = s3_bucket("runs")
+    write_run_file(storage, "run-1", "state.json", json.dumps({"status": "running", "epoch": 3}))
+    assert json.loads(read_run_file(storage, "run-1", "state.json")) == {"status": "running", "epoch": 3}
+    assert read_run_file(storage, "run-2", "state.json") is None
+    assert find_resume(storage, "run-1", "state.json", "run") == ("run-1", {"status": "running", "epoch": 3})
+    write_run_file(storage, "run-1", "state.json", json.dumps({"status": "finished"}))
+    with pytest.raises(UsageError, match="already finished"):
+        find_resume(storage, "run-1", "state.json", "run")
+
+
 def test_torch_trainer_shards_fresh_each_epoch(photos, tmp_path):
     """What the supertraining worker does: TorchTrainer(datasets=...), get_dataset_shard, iter_torch_batches."""
     import ray.train
