@@ -112,10 +112,10 @@ def too_many_bad_images(names: list[str], cap: int) -> DataError:
 
 def raise_if_over(ledger, cap: int) -> None:
     """Raise `too_many_bad_images` if the run's ledger is past its cap (a consumer about to start, or a driver
-    after its workers or trials stopped)."""
+    after its workers or trials stopped). No ledger (in-memory data: nothing to decode), nothing to check."""
     import ray
 
-    if ray.get(ledger.over.remote()):
+    if ledger is not None and ray.get(ledger.over.remote()):
         raise too_many_bad_images(ray.get(ledger.report.remote()), cap)
 
 

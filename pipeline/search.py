@@ -260,7 +260,8 @@ def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: 
         search=search_split,
         table=table,
         latency=latency,
-        ledger=start_ledger(opts.max_bad_images),
+        # Only file-backed images can fail to decode: in-memory data needs no ledger (an actor fewer).
+        ledger=start_ledger(opts.max_bad_images) if search_split.dataset is not None else None,
         max_bad_images=opts.max_bad_images,
         inject_failure=opts.inject_failure,
     )
@@ -305,7 +306,8 @@ def _search_budget(s: SearchRun, i: int) -> list[TrialResult]:
         warm_start=warm[: opts.trials] if opts.warm_start and opts.sampler != "grid" else (),
         storage=s.study_storage,
         study_name=f"{s.name}-{budget.text}",
-        stop=lambda: ray.get(s.ctx.ledger.over.remote()),  # too many bad images: no trial can succeed
+        # Too many bad images: no trial can succeed.
+        stop=(lambda: ray.get(s.ctx.ledger.over.remote())) if s.ctx.ledger is not None else None,
     )
     record = FinishedRecord(s.storage, s.name, _finished_record(i), finished)
     remaining = opts.trials - len(finished)

@@ -60,7 +60,7 @@ class TrialContext:
     search: HeldOut  # the search split (a class-balanced subset of the held-out split)
     table: Any  # a Ray actor serving the `LatencyTable`
     latency: LatencySettings
-    ledger: Any  # the search's `BadImageLedger` actor
+    ledger: Any  # the search's `BadImageLedger` actor (None for in-memory data)
     max_bad_images: int
     inject_failure: str | None = None  # failure drill: a marker file; the first trial kills its process once
 
@@ -74,7 +74,7 @@ class TrialContext:
         """Top-1 (%) of each subnet on ``split``, in one pass, on the latency device; undecodable images are
         skipped and counted for the search (past its cap: `DataError`)."""
         raise_if_over(self.ledger, self.max_bad_images)
-        bad = run_bad_images(self.ledger, self.max_bad_images)
+        bad = run_bad_images(self.ledger, self.max_bad_images) if self.ledger is not None else None
         counts = evaluate(self.model(self.latency.device), split.batches(bad), subnets)
         return {s: 100.0 * c / max(1, n) for s, (c, n) in counts.items()}
 

@@ -21,6 +21,9 @@ def ray_cluster():
     # cores that sampling is CPU the tests need. No usage reports either.
     os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Keep up to 3 idle worker processes a node (default: its CPU count, 1 here) for the next decoding tasks
+    # instead of starting new ones, each of which imports the decoding code again.
+    os.environ.setdefault("RAY_num_workers_soft_limit", "3")
     cluster = Cluster(
         initialize_head=True,
         # Ports of its own (Ray picks the rest): a parallel pytest worker may run its own cluster beside it.
@@ -43,14 +46,6 @@ def ray_cluster():
 def ray_session(ray_cluster):
     """The address of the shared Ray cluster."""
     return ray_cluster[0].address
-
-
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory):
-    """A tiny supernet trained briefly on the synthetic data, saved in the project's format."""
-    from helpers import tiny_checkpoint
-
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", trained=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """Both commands on file-backed data, streamed through Ray Data into the workers and trials: an ImageFolder of
-real photographs (with undecodable files among them) and its Parquet twin in an S3 bucket (moto, 127.0.0.1)."""
+real photographs (with undecodable files among them) and its Parquet twin in an S3 bucket (moto, 127.0.0.1); the
+search times subnets as deployed (compiled) and reports latency against FLOPs."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -10,8 +12,10 @@ import sys
 import mlflow
 import pytest
 
-from helpers import metric_steps, search_opts, supertrain_opts
+from helpers import download, metric_steps, search_opts, supertrain_opts
+from pipeline.latency_table import LatencyTable
 from pipeline.search import search
+from pipeline.space import load_space
 from pipeline.supertrain import supertrain
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -35,7 +39,7 @@ def folder_with_bad_images(photos, tmp_path):
     return root
 
 
-def test_image_folder_trains_and_searches_skipping_bad_images_then_searches_a_bucket(
+def test_image_folder_trains_skipping_bad_images_then_a_bucket_is_searched_timing_subnets_as_deployed(
     ray_session, tmp_path, mlflow_uri, folder_with_bad_images, s3_bucket, capsys
 ):
     data = str(folder_with_bad_images)
@@ -53,17 +57,35 @@ def test_image_folder_trains_and_searches_skipping_bad_images_then_searches_a_bu
     shown = capsys.readouterr().out
     assert all(f"warning: skipping undecodable image {data}/train/class_0/{name}" in shown for name in BROKEN)
 
-    out = search(search_opts(tmp_path, mlflow_uri, res.run_id, data=data, trials=2, decode_cpus=0.5, name="s"))
-    assert len(out.trials) == 2 and 0 <= out.chosen[0]["test_top1"] <= 100
-    assert client.get_run(out.parent_run_id).data.params["search_size"] == "3"  # 5% of train, one per class
-
-    # The same supernet searched on the photos' Parquet twin in a bucket (--data: same classes, same images).
+    # The supernet searched on the photos' Parquet twin in a bucket (--data: same classes, same images), streamed
+    # into the trials. (Searching the folder itself differs only in the reader, which test_ray_data covers.)
+    # The default latency mode times each subnet's compiled program (compile time apart), and the report times
+    # every uniform cell and every trial in both modes, with the rank correlation of latency and FLOPs. A space of
+    # eight subnets, two of them uniform cells: compiling costs seconds a subnet.
+    space = tmp_path / "small.yaml"
+    space.write_text("preset: tiny\ngrids: [4]\nkeep_rates: [[0.5, 1.0], [0.5, 1.0], [0.5, 1.0]]\n")
     bucket = s3_bucket("parquet")
-    out = search(search_opts(tmp_path, mlflow_uri, res.run_id, data=bucket, trials=2, decode_cpus=0.5, name="b"))
+    opts = search_opts(tmp_path, mlflow_uri, res.run_id, data=bucket, budgets=["0.3x"], trials=2, decode_cpus=0.5)
+    out = search(dataclasses.replace(opts, name="b", space=str(space), latency_mode=None, latency_report=True))
     assert len(out.trials) == 2 and 0 <= out.chosen[0]["test_top1"] <= 100
-    params = client.get_run(out.parent_run_id).data.params
-    assert params["data"].startswith("s3://***@datasets/photos/parquet")  # no credentials in MLflow
-    assert params["search_size"] == "3"
+    parent = client.get_run(out.parent_run_id)
+    assert parent.data.params["data"].startswith("s3://***@datasets/photos/parquet")  # no credentials in MLflow
+    assert parent.data.params["search_size"] == "3"  # 5% of train, one per class
+
+    assert all(r["compile_s"] > 0 for r in out.trials)  # compiled here, and not counted in the latency
+    rows = LatencyTable(tmp_path / "lat.parquet").rows.values()
+    cells = {s.name for s in load_space(space).uniform_subnets()}
+    assert cells == {"g4_k0.5", "g4_k1"}
+    for mode in ("eager", "compiled"):  # the two modes never share a row
+        measured = {r["subnet"] for r in rows if r["mode"] == mode}
+        assert cells | {r["subnet"] for r in out.trials} <= measured, mode
+    assert all(r["compile_s"] == 0 for r in rows if r["mode"] == "eager")
+    artifacts = {a.path for a in client.list_artifacts(out.parent_run_id)}
+    assert {"latency_vs_flops.md", "latency_vs_flops.png"} <= artifacts
+    metrics = parent.data.metrics
+    assert -1 <= metrics["latency_flops_spearman.compiled"] <= 1 and -1 <= metrics["latency_flops_spearman.eager"] <= 1
+    report = open(download(mlflow_uri, out.parent_run_id, "latency_vs_flops.md", tmp_path / "dl")).read()
+    assert report.count("Spearman rank correlation") == 2 and "g4_k1" in report
 
 
 def test_too_many_bad_images_stop_the_run_with_one_line(ray_session, tmp_path, mlflow_uri, folder_with_bad_images):
