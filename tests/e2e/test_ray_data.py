@@ -221,7 +221,7 @@ def test_worker_shards_fresh_each_epoch(photos):
             errors.append(e)
 
     # A streaming split feeds its shards together: both "workers" consume at once, as the real ones do.
-    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(2)]
+    threads = [threading.Thread(target=worker, args=(rank,), daemon=True) for rank in range(2)]
     for th in threads:
         th.start()
     for th in threads:
