@@ -24,6 +24,7 @@ __all__ = [
     "BadImages",
     "run_bad_images",
     "raise_if_over",
+    "ledger_over",
     "too_many_bad_images",
     "Batches",
     "fits_in_object_store",
@@ -110,19 +111,30 @@ def too_many_bad_images(names: list[str], cap: int) -> DataError:
     return DataError(f"{len(names)} undecodable images, more than --max-bad-images {cap}: " + "; ".join(names))
 
 
-def raise_if_over(ledger, cap: int) -> None:
-    """Raise `too_many_bad_images` if the run's ledger is past its cap (a consumer about to start, or a driver
-    after its workers or trials stopped). No ledger (in-memory data: nothing to decode), nothing to check."""
+def ledger_over(ledger) -> bool:
+    """Whether the run's ledger is past its cap. A run without a ledger (in-memory data: nothing to decode)
+    never is."""
     import ray
 
-    if ledger is not None and ray.get(ledger.over.remote()):
+    return ledger is not None and ray.get(ledger.over.remote())
+
+
+def raise_if_over(ledger, cap: int) -> None:
+    """Raise `too_many_bad_images` if the run's ledger is past its cap (a consumer about to start, or a driver
+    after its workers or trials stopped)."""
+    import ray
+
+    if ledger_over(ledger):
         raise too_many_bad_images(ray.get(ledger.report.remote()), cap)
 
 
-def run_bad_images(ledger, cap: int, say: Callable[[str], None] | None = None) -> BadImages:
+def run_bad_images(ledger, cap: int, say: Callable[[str], None] | None = None) -> BadImages | None:
     """A consumer's `BadImages` that reports each new bad file to the run's ledger (and ``say``s it), and
-    raises `too_many_bad_images` once the run's count passes ``cap``."""
+    raises `too_many_bad_images` once the run's count passes ``cap``; None without a ledger (in-memory data)."""
     import ray
+
+    if ledger is None:
+        return None
 
     def warn(text: str) -> None:
         (say or log.warning)(f"warning: {text}")

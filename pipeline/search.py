@@ -27,7 +27,7 @@ from supervit.data import redact
 
 from . import cli
 from .answers import choose_answers, log_answers, register_answers, report_latency
-from .batches import held_out, raise_if_over
+from .batches import held_out, ledger_over, raise_if_over
 from .cli import UsageError, option, parse_options, quiet_libraries, run_cli
 from .latency_table import LatencyTable, arch_key
 from .ledger import start_ledger
@@ -279,7 +279,6 @@ def _finished_record(i: int) -> str:
 
 def _search_budget(s: SearchRun, i: int) -> list[TrialResult]:
     """Search one budget with Ray Tune; finished trials are recorded as they finish (what --resume reads)."""
-    import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -306,8 +305,7 @@ def _search_budget(s: SearchRun, i: int) -> list[TrialResult]:
         warm_start=warm[: opts.trials] if opts.warm_start and opts.sampler != "grid" else (),
         storage=s.study_storage,
         study_name=f"{s.name}-{budget.text}",
-        # Too many bad images: no trial can succeed.
-        stop=(lambda: ray.get(s.ctx.ledger.over.remote())) if s.ctx.ledger is not None else None,
+        stop=lambda: ledger_over(s.ctx.ledger),  # too many bad images: no trial can succeed
     )
     record = FinishedRecord(s.storage, s.name, _finished_record(i), finished)
     remaining = opts.trials - len(finished)

@@ -74,7 +74,7 @@ class TrialContext:
         """Top-1 (%) of each subnet on ``split``, in one pass, on the latency device; undecodable images are
         skipped and counted for the search (past its cap: `DataError`)."""
         raise_if_over(self.ledger, self.max_bad_images)
-        bad = run_bad_images(self.ledger, self.max_bad_images) if self.ledger is not None else None
+        bad = run_bad_images(self.ledger, self.max_bad_images)
         counts = evaluate(self.model(self.latency.device), split.batches(bad), subnets)
         return {s: 100.0 * c / max(1, n) for s, (c, n) in counts.items()}
 

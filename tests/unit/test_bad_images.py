@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.batches import BadImages
+from pipeline.batches import BadImages, ledger_over, raise_if_over, run_bad_images
 from pipeline.data import _decode_rows, _Transform
 from pipeline.ledger import BadImageLedger
 from supervit.data import Augment, DataError
@@ -49,3 +49,9 @@ def test_the_ledger_counts_files_not_messages():
     assert not ledger.over()
     assert ledger.add("b.jpg", "b.jpg: truncated") == 2 and ledger.over()
     assert ledger.report() == ["a.png: reason one", "b.jpg: truncated"]
+
+
+def test_a_run_without_a_ledger_has_nothing_to_count():
+    """In-memory data has no ledger: never over its cap, and its consumers drop nothing."""
+    assert ledger_over(None) is False and run_bad_images(None, cap=0) is None
+    raise_if_over(None, cap=0)  # does not raise
