@@ -35,6 +35,10 @@ def choose(results: Sequence[TrialResult], latency_budget: float | None = None) 
     feasible = [r for r in results if latency_budget is None or r.latency_ms <= latency_budget]
     if not feasible:
         raise ValueError("no evaluated subnet meets the latency budget" if results else "no trial finished")
-    best = max(feasible, key=lambda r: (r.top1, -r.latency_ms, -r.gflops))
     uniform = [r for r in feasible if r.uniform]
-    return Choice(best, max(uniform, key=lambda r: (r.top1, -r.latency_ms, -r.gflops)) if uniform else None)
+    return Choice(max(feasible, key=_rank), max(uniform, key=_rank) if uniform else None)
+
+
+def _rank(r: TrialResult) -> tuple[float, float, float]:
+    """Higher is better: top-1, then lower latency, then fewer FLOPs."""
+    return (r.top1, -r.latency_ms, -r.gflops)

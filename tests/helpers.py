@@ -101,6 +101,12 @@ def search_opts(tmp_path: Path, mlflow_uri: str, checkpoint: Path, **kw) -> Sear
     return SearchOptions(**{**base, **kw})
 
 
+def best_trial(rows: list[dict]) -> dict:
+    """The trial a search must choose, written out independently of `pipeline.select`: the highest top-1, then
+    the lowest latency, then the fewest FLOPs."""
+    return max(rows, key=lambda r: (r["top1"], -r["latency_ms"], -r["gflops"]))
+
+
 def download(uri: str, run_id: str, path: str, dst: Path) -> str:
     """Download artifact ``path`` of run ``run_id`` into ``dst``; its local path."""
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=uri, dst_path=str(dst))

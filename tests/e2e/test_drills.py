@@ -11,7 +11,7 @@ import time
 import mlflow
 import pytest
 
-from helpers import tiny_checkpoint
+from helpers import best_trial, tiny_checkpoint
 from pipeline.search import SearchOptions, search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -66,7 +66,7 @@ def test_resume_after_the_search_driver_is_killed_then_a_trial_is_killed(ray_ses
     assert res.parent_run_id == parent
     assert marker.exists()  # a trial process of the resumed search really died ...
     assert len(res.trials) == 6 and len({r["subnet"] for r in res.trials}) == 6  # ... and was retried
-    best = max(res.trials, key=lambda r: (r["top1"], -r["latency_ms"], -r["gflops"]))
+    best = best_trial(res.trials)
     assert res.chosen[0]["subnet"] == best["subnet"]
     names = [r.info.run_name for r in _nested(mlflow_uri, parent) if "top1" in r.data.metrics]
     for subnet in finished:  # a trial the killed driver had finished ran exactly once

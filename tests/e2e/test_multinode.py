@@ -9,7 +9,15 @@ import optuna
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import LATENCY_RESOURCE, check_pyfunc, check_supertrain_run, download, search_opts, supertrain_opts
+from helpers import (
+    LATENCY_RESOURCE,
+    best_trial,
+    check_pyfunc,
+    check_supertrain_run,
+    download,
+    search_opts,
+    supertrain_opts,
+)
 from pipeline.latency_table import LatencyTable
 from pipeline.search import search
 from pipeline.supertrain import supertrain
@@ -39,7 +47,7 @@ def test_supertrain_then_search_across_two_nodes(ray_cluster, ray_session, tmp_p
         assert 1 <= len(rows) <= 3
         assert len({r["subnet"] for r in rows}) == len(rows)  # no subnet evaluated twice
         assert all(r["gflops"] <= budgets[c["budget"]] for r in rows)  # nothing over budget was run
-        best = max(rows, key=lambda r: (r["top1"], -r["latency_ms"], -r["gflops"]))
+        best = best_trial(rows)
         assert c["subnet"] == best["subnet"] and c["top1"] == best["top1"]
         assert 0 <= c["test_top1"] <= 100 and c["latency_ms"] > 0
         assert c["uniform"]["gflops"] <= budgets[c["budget"]]
