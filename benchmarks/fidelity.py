@@ -5,10 +5,10 @@
 For each seed: one supernet per recipe, and one model of the same architecture per cell (every grid at keep 1
 and at the lowest keep rate) trained at that cell only, with the task loss, the same options (the preset's
 `pipeline.supertrain` defaults: epochs, batch, AdamW, schedule) and the same seed. Training is the worker's own
-objects and epoch without Ray (`pipeline.worker.make_worker`, `supervit.train_one_epoch`); every job runs in its
-own process with one torch thread, ``--procs`` at
-a time. Compute is counted as training FLOPs (a forward and backward taken as 3x the forward's FLOPs, summed
-over every subnet a step runs) and as CPU-seconds of training.
+objects and epoch without Ray (`pipeline.supertrain.worker.make_worker`, `supervit.train_one_epoch`); every
+job runs in its own process with one torch thread, ``--procs`` at a time. Compute is counted as training FLOPs
+(a forward and backward taken as 3x the forward's FLOPs, summed over every subnet a step runs) and as
+CPU-seconds of training.
 
 A recipe may carry `SubnetSampler` options as ``recipe:option=value,...`` (``task_weight``,
 ``update_every_role``, ``smallest_grid_rotation`` as ``a/b/...``), e.g.
@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.supertrain import SupertrainOptions  # noqa: E402
-from pipeline.worker import make_worker  # noqa: E402
+from pipeline.supertrain.worker import make_worker  # noqa: E402
 from supervit import RECIPES, Role, SubnetConfig, SubnetSampler, evaluate, get_arch, gflops  # noqa: E402
 from supervit import train_one_epoch as train_epoch  # noqa: E402
 

@@ -12,7 +12,7 @@ Parquet twin, at N and 4N images, then measures, each in a fresh process (peak R
 - peak RSS of the driver and of each training worker of a ``TorchTrainer`` (2 workers iterating their
   dataset shard for ``--epochs`` epochs, no model work), at N and 4N. Target: 4N / N <= 1.2.
 - peak RSS of a search driver that iterates the held-out split twice (two trials), at N and 4N, streamed
-  (`pipeline.data.eval_dataset`) and, for contrast, stacked whole in memory as the search did before.
+  (`pipeline.common.data.eval_dataset`) and, for contrast, stacked whole in memory as the search did before.
 
 Peak RSS is the kernel's high-water mark (``VmHWM`` in ``/proc/<pid>/status``, read by the process itself at
 the end); "anon" is the peak of ``RssAnon`` sampled every 20 ms, i.e. without the object store's shared pages
@@ -166,8 +166,8 @@ def phase_throughput(a) -> dict:
     (Ray's workers import torch and timm), the median of the others is reported."""
     import torch
 
-    from pipeline.batches import BadImages
-    from pipeline.data import train_dataset
+    from pipeline.common.batches import BadImages
+    from pipeline.common.data import train_dataset
 
     torch.set_num_threads(1)
     _init_ray(a.cpus, a.store_mb)
@@ -199,8 +199,8 @@ def phase_trainer(a) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.batches import BadImages
-    from pipeline.data import data_config, train_dataset
+    from pipeline.common.batches import BadImages
+    from pipeline.common.data import data_config, train_dataset
 
     _init_ray(a.cpus + 1, a.store_mb)  # + 1 logical CPU: the two workers' half CPUs
     folder, pq_dir = a.data.split(",")
@@ -233,8 +233,8 @@ def phase_trainer(a) -> dict:
 
 
 def phase_search(a) -> dict:
-    from pipeline.batches import BadImages
-    from pipeline.data import eval_dataset
+    from pipeline.common.batches import BadImages
+    from pipeline.common.data import eval_dataset
 
     _init_ray(a.cpus, a.store_mb)
     s = _splits(a.data, a.search_held_out)

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.latency_report import inverted_pairs, spearman  # noqa: E402
+from pipeline.search.latency_report import inverted_pairs, spearman  # noqa: E402
 from supervit import SubnetConfig, SuperViT, get_arch, gflops, hardware_fingerprint, measure_latency  # noqa: E402
 from supervit.export import compile_module, compiled_cache_size  # noqa: E402
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.plan import resolve_checkpoint
-from pipeline.runs import resolve_tracking_uri
-from pipeline.searcher import BudgetedOptunaSearch, make_sampler
-from pipeline.space import default_space_path, load_space
+from pipeline.common.runs import resolve_tracking_uri
+from pipeline.search.plan import resolve_checkpoint
+from pipeline.search.searcher import BudgetedOptunaSearch, make_sampler
+from pipeline.search.space import default_space_path, load_space
 from supervit import evaluate, gflops, load_checkpoint, parse_budget
 from supervit.checkpoint import read_checkpoint_metadata
 from supervit.data import load_data

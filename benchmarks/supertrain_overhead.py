@@ -4,7 +4,7 @@
 
 Both paths train the same model on the same data with the default run's options
 (`SupertrainOptions().resolved()`) and the same torch thread count:
-  bare: this process, without Ray: the worker's own objects (`pipeline.worker.make_worker`) and epoch
+  bare: this process, without Ray: the worker's own objects (`pipeline.supertrain.worker.make_worker`) and epoch
         (`supervit.train_one_epoch`, then `evaluate_worker` as the worker evaluates), timed the same way.
   ray:  `supertrain(workers=1)` on a local Ray started with ``--cpus`` CPUs (the worker then gets all of
         them and calls ``torch.set_num_threads(cpus)``); images/s and epoch times read back from MLflow.
@@ -29,9 +29,9 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.runs import init_ray  # noqa: E402
+from pipeline.common.runs import init_ray  # noqa: E402
 from pipeline.supertrain import SupertrainOptions, supertrain  # noqa: E402
-from pipeline.worker import evaluate_worker, make_worker  # noqa: E402
+from pipeline.supertrain.worker import evaluate_worker, make_worker  # noqa: E402
 from supervit import train_one_epoch  # noqa: E402
 
 

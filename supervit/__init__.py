@@ -40,15 +40,15 @@ _EXPORTS = {
     "measure_latency": "latency",
     "SuperViT": "model",
     "RECIPES": "train",
-    "EpochStats": "train",
+    "EpochStats": "loop",
     "Role": "train",
     "SubnetSampler": "train",
-    "Training": "train",
+    "Training": "loop",
     "distill_loss": "train",
-    "evaluate": "train",
-    "make_training": "train",
+    "evaluate": "loop",
+    "make_training": "loop",
     "supertrain_step": "train",
-    "train_one_epoch": "train",
+    "train_one_epoch": "loop",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -72,16 +72,6 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .export import FixedSubnet, compile_subnet, compiled_subnet, export_subnet  # noqa: F401
     from .flops import Budget, gflops, macs, parse_budget  # noqa: F401
     from .latency import LATENCY_MODES, LatencyResult, default_latency_mode, hardware_fingerprint, measure_latency  # noqa: F401
+    from .loop import EpochStats, Training, evaluate, make_training, train_one_epoch  # noqa: F401
     from .model import SuperViT  # noqa: F401
-    from .train import (  # noqa: F401
-        RECIPES,
-        EpochStats,
-        Role,
-        SubnetSampler,
-        Training,
-        distill_loss,
-        evaluate,
-        make_training,
-        supertrain_step,
-        train_one_epoch,
-    )
+    from .train import RECIPES, Role, SubnetSampler, distill_loss, supertrain_step  # noqa: F401

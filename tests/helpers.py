@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.cli import run_cli
+from pipeline.common.cli import run_cli
 from pipeline.search import SearchOptions
 from pipeline.supertrain import SupertrainOptions
 from supervit import ArchConfig, SubnetSampler, SuperViT, get_arch, save_checkpoint, supertrain_step
@@ -102,7 +102,7 @@ def search_opts(tmp_path: Path, mlflow_uri: str, checkpoint: Path, **kw) -> Sear
 
 
 def best_trial(rows: list[dict]) -> dict:
-    """The trial a search must choose, written out independently of `pipeline.select`: the highest top-1, then
+    """The trial a search must choose, written out independently of `pipeline.search.select`: the highest top-1, then
     the lowest latency, then the fewest FLOPs."""
     return max(rows, key=lambda r: (r["top1"], -r["latency_ms"], -r["gflops"]))
 

@@ -26,8 +26,8 @@ from local_cluster import (
     wait_until,
 )
 
-from pipeline.cli import UsageError
-from pipeline.runs import check_mlflow
+from pipeline.common.cli import UsageError
+from pipeline.common.runs import check_mlflow
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -13,9 +13,9 @@ import mlflow
 import pytest
 
 from helpers import download, metric_steps, search_opts, supertrain_opts
-from pipeline.latency_table import LatencyTable
+from pipeline.common.latency_table import LatencyTable
 from pipeline.search import search
-from pipeline.space import load_space
+from pipeline.search.space import load_space
 from pipeline.supertrain import supertrain
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

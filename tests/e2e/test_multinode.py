@@ -18,7 +18,7 @@ from helpers import (
     search_opts,
     supertrain_opts,
 )
-from pipeline.latency_table import LatencyTable
+from pipeline.common.latency_table import LatencyTable
 from pipeline.search import search
 from pipeline.supertrain import supertrain
 from supervit import SubnetConfig, gflops

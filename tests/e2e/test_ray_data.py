@@ -1,4 +1,4 @@
-"""Streaming input on Ray Data (`pipeline.data`): real photo folders and their Parquet twins, local and in a
+"""Streaming input on Ray Data (`pipeline.common.data`): real photo folders and their Parquet twins, local and in a
 local S3-compatible bucket, through the same calls the Ray Train worker and the search make."""
 
 import json
@@ -36,8 +36,8 @@ def names(split) -> list[str]:
 
 @pytest.mark.parametrize("kind", ["folder", "parquet"])
 def test_train_batches_shape_dtype_and_coverage(photos, kind):
-    from pipeline.batches import BadImages
-    from pipeline.data import train_dataset
+    from pipeline.common.batches import BadImages
+    from pipeline.common.data import train_dataset
 
     s = load_data(str(photos[0] if kind == "folder" else photos[1]), DEIT_TI)
     assert isinstance(s.train, ImageFiles if kind == "folder" else ParquetRows)
@@ -60,7 +60,7 @@ def test_train_batches_shape_dtype_and_coverage(photos, kind):
 
 @pytest.mark.parametrize("kind", ["folder", "parquet"])
 def test_fresh_order_and_augmentation_each_epoch_eval_fixed(photos, kind):
-    from pipeline.data import eval_dataset, train_dataset
+    from pipeline.common.data import eval_dataset, train_dataset
 
     s = load_data(str(photos[0] if kind == "folder" else photos[1]), TINY)
     ds = train_dataset(s.train)
@@ -82,7 +82,7 @@ def test_fresh_order_and_augmentation_each_epoch_eval_fixed(photos, kind):
 
 @pytest.mark.parametrize("kind", ["folder", "parquet"])
 def test_repeated_augmentation(photos, kind):
-    from pipeline.data import train_dataset
+    from pipeline.common.data import train_dataset
 
     s = load_data(str(photos[0] if kind == "folder" else photos[1]), TINY)
     n = len(s.train)
@@ -105,8 +105,8 @@ def test_bad_images_skipped_counted_named_then_capped(photos, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.batches import BadImages
-    from pipeline.data import eval_dataset, train_dataset
+    from pipeline.common.batches import BadImages
+    from pipeline.common.data import eval_dataset, train_dataset
 
     folder = tmp_path / "folder"
     shutil.copytree(photos[0], folder)
@@ -152,8 +152,8 @@ def test_bad_images_skipped_counted_named_then_capped(photos, tmp_path):
 
 
 def test_parquet_and_folder_in_an_s3_bucket(photos, s3_bucket):
-    from pipeline.batches import BadImages
-    from pipeline.data import eval_dataset, train_dataset
+    from pipeline.common.batches import BadImages
+    from pipeline.common.data import eval_dataset, train_dataset
 
     local = load_data(str(photos[1]), TINY)
     uri = s3_bucket("parquet")
@@ -178,8 +178,8 @@ def test_parquet_and_folder_in_an_s3_bucket(photos, s3_bucket):
 
 def test_run_files_on_a_bucket(s3_bucket):
     """`--storage s3://...`: the run's state file is written, read back and found for `--resume NAME`."""
-    from pipeline.cli import UsageError
-    from pipeline.runs import find_resume, read_run_file, write_run_file
+    from pipeline.common.cli import UsageError
+    from pipeline.common.runs import find_resume, read_run_file, write_run_file
 
     storage = s3_bucket("runs")
     write_run_file(storage, "run-1", "state.json", json.dumps({"status": "running", "epoch": 3}))
@@ -197,8 +197,8 @@ def test_worker_shards_fresh_each_epoch(photos):
     (the real trainer and its worker processes run in the file-data tests)."""
     import threading
 
-    from pipeline.batches import BadImages
-    from pipeline.data import data_config, train_dataset
+    from pipeline.common.batches import BadImages
+    from pipeline.common.data import data_config, train_dataset
 
     s = load_data(str(photos[0]), TINY, search_fraction=0.0)
     ds = train_dataset(s.train, remote_args={"num_cpus": 0.5})

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.registry import budget_alias, log_subnet_model
+from pipeline.common.registry import budget_alias, log_subnet_model
 from supervit import SubnetConfig, SuperViT, get_arch
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import UsageError
-from pipeline.latency_table import KEY, LatencyTable
+from pipeline.common.cli import UsageError
+from pipeline.common.latency_table import KEY, LatencyTable
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     path, go = tmp_path / "lat", tmp_path / "go"
     writer = """
         import os, time, sys
-        from pipeline.latency_table import LatencyTable
+        from pipeline.common.latency_table import LatencyTable
         t = LatencyTable({path!r})
         open({ready!r}, "w").close()
         while not os.path.exists({go!r}):  # both have read the (empty) table: neither knows the other's rows
@@ -91,7 +91,7 @@ def test_crash_while_writing_leaves_a_readable_table(tmp_path, where):
     before = dict(table.rows)
     proc = _python(f"""
         import os, pyarrow.parquet as pq
-        from pipeline.latency_table import LatencyTable
+        from pipeline.common.latency_table import LatencyTable
         if {where!r} == "before_rename":
             os.replace = lambda *a: os.kill(os.getpid(), 9)
         else:
@@ -132,7 +132,7 @@ def test_crash_while_converting_an_old_table_leaves_it_readable(tmp_path):
     _legacy(path, [_row("g4_k1", ms=1.0)])
     proc = _python(f"""
         import os
-        from pipeline.latency_table import LatencyTable
+        from pipeline.common.latency_table import LatencyTable
         real = os.rename
         def die(*a):
             os.kill(os.getpid(), 9)

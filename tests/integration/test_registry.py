@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.registry import budget_alias, log_subnet_model
+from pipeline.common.registry import budget_alias, log_subnet_model
 from supervit import ArchConfig, SubnetConfig, SuperViT, gflops
 
 ARCH = ArchConfig(

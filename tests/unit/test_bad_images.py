@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline.batches import BadImages, ledger_over, raise_if_over, run_bad_images
-from pipeline.data import _decode_rows, _Transform
-from pipeline.ledger import BadImageLedger
+from pipeline.common.batches import BadImages, ledger_over, raise_if_over, run_bad_images
+from pipeline.common.data import _decode_rows, _Transform
+from pipeline.common.ledger import BadImageLedger
 from supervit.data import Augment, DataError
 
 EVAL = _Transform(img_size=16, in_chans=1, train=False, augment=Augment())

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.cli import UsageError, build_parser, parse_options
+from pipeline.common.cli import UsageError, build_parser, parse_options
 from pipeline.search import SearchOptions
 from pipeline.supertrain import SupertrainOptions
 

@@ -95,7 +95,7 @@ def test_bad_budgets(text):
 
 
 def test_a_preset_is_defined_in_one_place():
-    from pipeline.space import default_space_path, load_space
+    from pipeline.search.space import default_space_path, load_space
     from supervit import PRESETS, Preset, TrainConfig
 
     for name, preset in PRESETS.items():
@@ -134,5 +134,5 @@ def test_package_names_load_on_use():
         assert getattr(supervit, name) is getattr(importlib.import_module(f"supervit.{supervit._EXPORTS[name]}"), name)
     with pytest.raises(AttributeError):
         supervit.no_such_name  # noqa: B018
-    code = "import sys, supervit.data, supervit.config, pipeline.ledger; print('timm' in sys.modules)"
+    code = "import sys, supervit.data, supervit.config, pipeline.common.ledger; print('timm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

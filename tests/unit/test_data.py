@@ -380,7 +380,10 @@ def test_randaugment_posterize_to_zero_bits_does_not_fail(photo):
     assert np.asarray(op(photo)).max() == 0  # black, as TensorFlow's RandAugment gives
     aa = build_transform(DEIT_TI, True, aug="v0")  # AutoAugment's policies get the same op
     assert all(
-        o.aug_fn.__module__ == "supervit.data" for sub in aa.transforms[2].policy for o in sub if "Posterize" in o.name
+        o.aug_fn.__module__ == "supervit.data.transforms"
+        for sub in aa.transforms[2].policy
+        for o in sub
+        if "Posterize" in o.name
     )
 
 

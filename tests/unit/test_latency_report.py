@@ -5,7 +5,7 @@ import math
 import pytest
 from scipy.stats import spearmanr
 
-from pipeline.latency_report import inverted_pairs, latency_report, spearman
+from pipeline.search.latency_report import inverted_pairs, latency_report, spearman
 
 CPU, GPU = "cpu:Xeon x2 torch2.14.1", "cuda:H100 sm9.0 cuda13.0 torch2.14.1"
 

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from pipeline.cli import UsageError
-from pipeline.runs import find_resume, read_run_file, write_run_file
+from pipeline.common.cli import UsageError
+from pipeline.common.runs import find_resume, read_run_file, write_run_file
 
 
 @pytest.fixture(params=["local", "uri"])
@@ -49,7 +49,7 @@ def test_find_resume_in_a_bucket_needs_the_name(tmp_path):
 
 
 def test_stable_names_are_meaningful_and_never_reused(tmp_path):
-    from pipeline.runs import stable_name
+    from pipeline.common.runs import stable_name
 
     storage = str(tmp_path)
     assert stable_name(storage, "supertrain", "tiny", "/data/imagenet/") == "supertrain-tiny-imagenet-1"

@@ -4,8 +4,8 @@ import optuna
 import pytest
 from ray.tune.search import Searcher
 
-from pipeline.searcher import BudgetedOptunaSearch, make_sampler
-from pipeline.space import SPACES_DIR, load_space
+from pipeline.search.searcher import BudgetedOptunaSearch, make_sampler
+from pipeline.search.space import SPACES_DIR, load_space
 from supervit import SubnetConfig, get_arch, gflops
 
 ARCH = get_arch("tiny")

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from pipeline.select import choose, pareto_front
-from pipeline.trial import TrialResult
+from pipeline.search.select import choose, pareto_front
+from pipeline.search.trial import TrialResult
 from supervit import SubnetConfig
 
 

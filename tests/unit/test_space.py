@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.cli import UsageError
-from pipeline.space import SPACES_DIR, load_space
+from pipeline.common.cli import UsageError
+from pipeline.search.space import SPACES_DIR, load_space
 from supervit import get_arch, gflops
 
 
@@ -54,7 +54,7 @@ def test_space_that_does_not_fit_the_architecture():
     with pytest.raises(UsageError, match=r"grids \[10, 12, 14\] are not grids of preset tiny"):
         load_space(SPACES_DIR / "deit_s.yaml").check(tiny)
     space = load_space(SPACES_DIR / "tiny.yaml")
-    from pipeline.space import SearchSpace
+    from pipeline.search.space import SearchSpace
 
     with pytest.raises(UsageError, match="stage 1 keep rates \\[0.6\\] were not trained"):
         SearchSpace("tiny", (4,), ((0.6,), (1.0,), (1.0,))).check(tiny)

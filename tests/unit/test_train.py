@@ -21,7 +21,7 @@ from supervit import (
     train_one_epoch,
 )
 from supervit.data import synthetic
-from supervit.train import warmup_cosine
+from supervit.loop import warmup_cosine
 
 
 def test_seed_recipe_roles():
@@ -297,7 +297,7 @@ def test_deit_recipe_mixes_each_batch_once_for_every_role_and_keeps_an_ema():
 
     from timm.loss import SoftTargetCrossEntropy
 
-    from supervit.train import scaled_lr
+    from supervit.loop import scaled_lr
 
     torch.manual_seed(0)
     arch = get_arch("tiny")

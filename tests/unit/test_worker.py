@@ -5,7 +5,7 @@ import json
 import mlflow
 
 from helpers import metric_steps
-from pipeline.worker import backfill_epochs, epoch_line, log_epoch
+from pipeline.supertrain.worker import backfill_epochs, epoch_line, log_epoch
 
 
 def test_backfill_logs_checkpointed_epochs_missing_from_mlflow(tmp_path, mlflow_uri):
@@ -32,7 +32,7 @@ def test_epoch_line():
 
 
 def test_progress_bar_text():
-    from pipeline.console import progress_text
+    from pipeline.common.console import progress_text
 
     assert progress_text("epoch 3/300", 50, 200, width=8) == "  epoch 3/300 [##......] 50/200 steps"
     assert progress_text("epoch 1/1", 0, 0, width=4) == "  epoch 1/1 [....] 0/0 steps"

@@ -16,9 +16,9 @@ from ray.tune import Callback
 
 from supervit import ArchConfig, SubnetConfig, SuperViT, evaluate, gflops, hardware_fingerprint, measure_latency
 
-from .batches import HeldOut, raise_if_over, run_bad_images
-from .latency_table import KEY
-from .runs import dump_json, maybe_fail, write_run_file
+from ..common.batches import HeldOut, raise_if_over, run_bad_images
+from ..common.latency_table import KEY
+from ..common.runs import dump_json, maybe_fail, write_run_file
 from .space import SearchSpace
 
 __all__ = [

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from supervit import LATENCY_MODES, SubnetConfig, gflops
 
-from .batches import held_out
-from .cli import UsageError
+from ..common.batches import held_out
+from ..common.cli import UsageError
+from ..common.latency_table import LatencyTable
+from ..common.registry import budget_alias, log_subnet_model
+from ..common.runs import dump_json
 from .latency_report import latency_report
-from .latency_table import LatencyTable
 from .plan import SearchRun, task_resources
-from .registry import budget_alias, log_subnet_model
 from .report import pareto_plot
-from .runs import dump_json
 from .select import choose, pareto_front
 from .trial import TrialContext, TrialResult
 

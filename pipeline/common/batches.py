@@ -1,9 +1,9 @@
 """The consumer side of streamed input: batches for the training loop and the trials, and undecodable images.
 
-A Ray Data pipeline (`pipeline.data`) never fails on a bad image: its row carries the error. Consumers drop such
+A Ray Data pipeline (`pipeline.common.data`) never fails on a bad image: its row carries the error. Consumers drop such
 rows with `BadImages` (the ``collate_fn`` of ``iter_torch_batches``), which warns once per file; a run's
-`pipeline.ledger.BadImageLedger` actor counts distinct bad files across its workers, trials and restarts, and past
-the run's cap (``--max-bad-images``) the consumer raises one `DataError` naming every file.
+`pipeline.common.ledger.BadImageLedger` actor counts distinct bad files across its workers, trials and restarts,
+and past the run's cap (``--max-bad-images``) the consumer raises one `DataError` naming every file.
 """
 
 from __future__ import annotations

@@ -14,13 +14,13 @@ import torch
 from supervit import Budget, SuperViT, gflops
 from supervit.data import Splits
 
-from .cli import UsageError
-from .latency_table import LatencyTable
-from .runs import STAGE_TAG, check_mlflow
+from ..common.cli import UsageError
+from ..common.latency_table import LatencyTable
+from ..common.runs import STAGE_TAG, check_mlflow
 from .space import SearchSpace, default_space_path, load_space
 
 if TYPE_CHECKING:
-    from .search import SearchOptions
+    from .options import SearchOptions
     from .trial import TrialContext
 
 __all__ = ["SearchPlan", "SearchRun", "resolve_checkpoint", "plan_search", "task_resources"]

@@ -8,13 +8,13 @@ A split holds an index (paths, or Parquet (file, row) references, and labels); t
 Reading, decoding and augmenting run as Ray Data tasks (1 CPU each, no GPU: CPU-only nodes can do them), so a
 process's memory is bounded by Ray Data's buffers and the batches in flight, never by the dataset.
 An image that cannot be read or decoded does not stop the pipeline: its row keeps a zero image, label -1 and
-``error = "<file>: <reason>"``. `pipeline.batches.BadImages` (the ``collate_fn`` every consumer passes) drops such rows,
-warns once per file, counts them, and past its cap raises `supervit.data.DataError` naming every file.
+``error = "<file>: <reason>"``. `pipeline.common.batches.BadImages` (the ``collate_fn`` every consumer passes)
+drops such rows, warns once per file, counts them, and past its cap raises `supervit.data.DataError` naming every file.
 
 Training (Ray Train)::
 
-    from pipeline.batches import BadImages
-    from pipeline.data import data_config, train_dataset
+    from pipeline.common.batches import BadImages
+    from pipeline.common.data import data_config, train_dataset
 
     ds = train_dataset(splits.train, augment=DEIT_AUGMENT, repeated_aug=3)
     trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=data_config(), ...)

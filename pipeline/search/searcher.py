@@ -13,7 +13,7 @@ from ray.tune.search import Searcher
 
 from supervit import ArchConfig, SubnetConfig, gflops
 
-from .cli import UsageError
+from ..common.cli import UsageError
 from .space import SearchSpace
 
 __all__ = ["SAMPLERS", "make_sampler", "BudgetedOptunaSearch"]

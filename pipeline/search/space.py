@@ -12,9 +12,9 @@ from pathlib import Path
 
 from supervit import ArchConfig, SubnetConfig
 
-from .cli import UsageError
+from ..common.cli import UsageError
 
-SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 @dataclass(frozen=True)

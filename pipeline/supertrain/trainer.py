@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from supervit.data import Splits
 
 if TYPE_CHECKING:
-    from .supertrain import SupertrainOptions
+    from .options import SupertrainOptions
     from .worker import Streamed
 
 __all__ = ["streamed_data", "check_bad_images", "place_workers", "fit"]
@@ -20,8 +20,8 @@ def streamed_data(opts: SupertrainOptions, splits: Splits) -> tuple[Streamed | N
     the workers need besides; (None, None) for in-memory data, which the workers load themselves."""
     from supervit.data import FileImages
 
-    from .data import eval_dataset, train_dataset
-    from .ledger import start_ledger
+    from ..common.data import eval_dataset, train_dataset
+    from ..common.ledger import start_ledger
     from .worker import Streamed
 
     if not isinstance(splits.train, FileImages):
@@ -39,7 +39,7 @@ def streamed_data(opts: SupertrainOptions, splits: Splits) -> tuple[Streamed | N
 
 def check_bad_images(streamed: Streamed | None) -> None:
     """Raise the run's one-line `DataError` if its workers met more undecodable images than allowed."""
-    from .batches import raise_if_over
+    from ..common.batches import raise_if_over
 
     if streamed is not None:
         raise_if_over(streamed.ledger, streamed.max_bad_images)
@@ -73,8 +73,8 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .console import Console
-    from .data import data_config
+    from ..common.console import Console
+    from ..common.data import data_config
     from .worker import make_epoch_logger, train_loop_per_worker
 
     per_worker = {"CPU": opts.cpus_per_worker} | ({"GPU": opts.gpus_per_worker or 1} if use_gpu else {})

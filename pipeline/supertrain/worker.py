@@ -21,12 +21,12 @@ import torch
 from supervit import SubnetConfig, SubnetSampler, SuperViT, Training, evaluate, make_training, train_one_epoch
 from supervit.data import redact
 
-from .console import Console
+from ..common.console import Console
+from ..common.runs import maybe_fail
 from .report import cells
-from .runs import maybe_fail
 
 if TYPE_CHECKING:
-    from .supertrain import SupertrainOptions
+    from .options import SupertrainOptions
 
 __all__ = [
     "train_loop_per_worker",
@@ -140,7 +140,7 @@ def _shard_loaders(opts: SupertrainOptions, streamed: Streamed, world: int, say)
     """This worker's shards of the streamed splits; undecodable images are skipped and counted for the run."""
     import ray.train
 
-    from .batches import Batches, run_bad_images
+    from ..common.batches import Batches, run_bad_images
 
     bad = run_bad_images(streamed.ledger, streamed.max_bad_images, say)
     steps = streamed.train_size // (opts.batch_size * world)
