@@ -38,7 +38,14 @@ _EXPORTS = {
     "default_latency_mode": "latency",
     "hardware_fingerprint": "latency",
     "measure_latency": "latency",
+    "time_program": "latency",
     "SuperViT": "model",
+    "Calibration": "parts",
+    "Part": "parts",
+    "fit_calibration": "parts",
+    "measure_part": "parts",
+    "predict_latency": "parts",
+    "subnet_parts": "parts",
     "RECIPES": "train",
     "EpochStats": "loop",
     "Role": "train",
@@ -71,7 +78,15 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from .config import PRESETS, ArchConfig, Preset, SubnetConfig, TrainConfig, get_arch, get_preset, keep_count  # noqa: F401
     from .export import FixedSubnet, compile_subnet, compiled_subnet, export_subnet  # noqa: F401
     from .flops import Budget, gflops, macs, parse_budget  # noqa: F401
-    from .latency import LATENCY_MODES, LatencyResult, default_latency_mode, hardware_fingerprint, measure_latency  # noqa: F401
+    from .latency import (  # noqa: F401
+        LATENCY_MODES,
+        LatencyResult,
+        default_latency_mode,
+        hardware_fingerprint,
+        measure_latency,
+        time_program,
+    )
     from .loop import EpochStats, Training, evaluate, make_training, train_one_epoch  # noqa: F401
     from .model import SuperViT  # noqa: F401
+    from .parts import Calibration, Part, fit_calibration, measure_part, predict_latency, subnet_parts  # noqa: F401
     from .train import RECIPES, Role, SubnetSampler, distill_loss, supertrain_step  # noqa: F401

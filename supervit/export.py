@@ -120,8 +120,9 @@ class FixedSubnet(nn.Module):
         """Logits (B, num_classes) of images (B, in_chans, input_size, input_size)."""
         x = self.patch_norm(patchify(self.resize(x), self.patch_weight, self.patch_bias, self.patch_size))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = self.norm(self.blocks(x))
-        return self.head(x[:, 0])
+        # LayerNorm is per token and only the class token reaches the head: normalising that one token gives the
+        # same logits and makes the head's cost independent of how many tokens the subnet kept.
+        return self.head(self.norm(self.blocks(x)[:, 0]))
 
 
 def _fixed(model: SuperViT | FixedSubnet, subnet: SubnetConfig | None, input_size: int | None) -> FixedSubnet:

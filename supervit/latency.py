@@ -17,7 +17,14 @@ import torch
 
 from .config import SubnetConfig
 
-__all__ = ["LatencyResult", "LATENCY_MODES", "default_latency_mode", "measure_latency", "hardware_fingerprint"]
+__all__ = [
+    "LatencyResult",
+    "LATENCY_MODES",
+    "default_latency_mode",
+    "measure_latency",
+    "time_program",
+    "hardware_fingerprint",
+]
 
 LATENCY_MODES = ("eager", "compiled")
 
@@ -162,7 +169,20 @@ def measure_latency(
             program = FixedSubnet(model, subnet).to(device=device, dtype=dtype).eval()
         arch = model.arch
         x = torch.randn(batch_size, arch.in_chans, arch.img_size, arch.img_size, device=device, dtype=dtype)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        return time_program(program, x, warmup, runs, min_time_s, mode=mode, compile_s=compile_s)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def time_program(
+    program, x: torch.Tensor, warmup: int = 10, runs: int = 50, min_time_s: float = 0.0, **fields
+) -> LatencyResult:
+    """The latency protocol, for any program and input: ``warmup`` untimed calls, then ``runs`` timed ones (and
+    more until ``min_time_s`` is spent), synchronised on CUDA; median and spread. ``fields`` fill the rest of the
+    `LatencyResult` (``mode``, ``compile_s``). The thread count is the current one: set it before compiling."""
+    device = x.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
         for _ in range(warmup):
             program(x)
         sync()
@@ -173,11 +193,9 @@ def measure_latency(
             program(x)
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
-        used_threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(old_threads)
     times.sort()
-    fp, text = hardware_fingerprint(device, used_threads)
+    threads = torch.get_num_threads()
+    fp, text = hardware_fingerprint(device, threads)
     return LatencyResult(
         median_ms=statistics.median(times),
         mean_ms=statistics.fmean(times),
@@ -185,12 +203,11 @@ def measure_latency(
         p90_ms=_quantile(times, 0.9),
         iqr_ms=_quantile(times, 0.75) - _quantile(times, 0.25),
         runs=len(times),
-        batch_size=batch_size,
-        dtype=str(dtype).removeprefix("torch."),
-        threads=used_threads,
+        batch_size=x.shape[0],
+        dtype=str(x.dtype).removeprefix("torch."),
+        threads=threads,
         device=device.type,
         fingerprint=fp,
         hardware=text,
-        mode=mode,
-        compile_s=compile_s,
+        **fields,
     )

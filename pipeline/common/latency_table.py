@@ -106,6 +106,18 @@ class LatencyTable:
             row = self.rows.get(key)
         return row
 
+    def get_many(self, keys: list[tuple]) -> list[dict | None]:
+        """`get` of each key, reading the newer parts once at most."""
+        if any(tuple(k) not in self.rows for k in keys):
+            self.refresh()
+        return [self.rows.get(tuple(k)) for k in keys]
+
+    def matching(self, fingerprint: str, arch: str, batch_size: int, dtype: str, mode: str) -> list[dict]:
+        """Every row of one hardware, architecture, batch, dtype and mode (subnets and parts)."""
+        self.refresh()
+        want = (fingerprint, arch, batch_size, dtype, mode)
+        return [r for k, r in self.rows.items() if (k[0], k[1], k[3], k[4], k[5]) == want]
+
     def __len__(self) -> int:
         return len(self.rows)
 

@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import tempfile
 import time
 from pathlib import Path
 
-from supervit import LATENCY_MODES, SubnetConfig, gflops
+from supervit import LATENCY_MODES, SubnetConfig, fit_calibration, gflops
 
 from ..common.batches import held_out
 from ..common.cli import UsageError
 from ..common.latency_table import LatencyTable
 from ..common.registry import budget_alias, log_subnet_model
 from ..common.runs import dump_json
-from .latency_report import latency_report
+from .latency import measured_latency, table_calibration
+from .latency_report import latency_report, prediction_report
 from .plan import SearchRun, task_resources
 from .report import pareto_plot
 from .select import choose, pareto_front
 from .trial import TrialContext, TrialResult
+from .verify import in_trial_task, verify_answers
 
 __all__ = ["test_top1", "choose_answers", "log_answers", "register_answers", "report_latency"]
 
@@ -35,8 +38,14 @@ def test_top1(s: SearchRun, subnets: list) -> dict:
 
 
 def choose_answers(s: SearchRun, per_budget: list[list[TrialResult]]) -> tuple[list[dict], list[dict]]:
-    """Per budget, the chosen subnet and best uniform one (with their test top-1), and every trial as a row."""
+    """Per budget, the chosen subnet and best uniform one (with their test top-1), and every trial as a row.
+
+    With predicted latency, what the choice rests on is first measured whole (`verify.verify_answers`): the
+    choice is made on measured latencies.
+    """
     plan = s.plan
+    if s.ctx.latency.predict:
+        per_budget, _ = verify_answers(s, per_budget)
     choices = []
     for (budget, _), results in zip(plan.budgets, per_budget, strict=True):
         try:
@@ -109,6 +118,9 @@ def register_answers(s: SearchRun, chosen: list[dict]) -> None:
             "search_top1": f"{c['top1']:.4g}",
             "test_top1": f"{c['test_top1']:.4g}",
             "latency_ms": f"{c['latency_ms']:.4g}",
+            "latency_measured_ms": f"{c['latency_ms']:.4g}" if c["latency_source"] == "measured" else "",
+            "latency_predicted_ms": "" if math.isnan(c["latency_predicted_ms"]) else f"{c['latency_predicted_ms']:.4g}",
+            "latency_source": c["latency_source"],
             "latency_mode": s.ctx.latency.mode,
             "latency_batch": str(s.ctx.latency.batch),
             "latency_dtype": s.ctx.latency.dtype,
@@ -130,26 +142,30 @@ def register_answers(s: SearchRun, chosen: list[dict]) -> None:
         )
 
 
-def _both_modes(ctx: TrialContext, subnets: list) -> list[dict]:
-    """Latency rows of ``subnets`` in both modes (from the table, or measured), in a task with a trial's
-    resources."""
-    from .trial import measured_latency
-
-    return [measured_latency(ctx, s, mode)[0] for mode in LATENCY_MODES for s in subnets]
+def _report_rows(ctx: TrialContext, subnets: list, measure_all: bool) -> tuple[list[dict], list[tuple]]:
+    """Whole-program rows of ``subnets`` in the search's mode as the table holds them (``measure_all``: both
+    modes, measured where missing), and the calibration points of the table (predicted latency only)."""
+    modes = LATENCY_MODES if measure_all else (ctx.latency.mode,)
+    rows = [measured_latency(ctx, sub, mode, measure=measure_all)[0] for mode in modes for sub in subnets]
+    points = table_calibration(ctx)[1] if ctx.latency.predict else []
+    return [r for r in rows if r is not None], points
 
 
 def report_latency(s: SearchRun, rows: list[dict]) -> None:
-    """Latency against GFLOPs for every uniform cell and every trial, eager and compiled, on the search's
-    hardware: a table with the rank correlation and a plot, logged with the search (``latency_vs_flops.*``)."""
+    """What the search measured whole, on its hardware: latency against GFLOPs (``latency_vs_flops.*``) and, with
+    predicted latency, predicted against measured (``latency_predicted.*``; each program predicted with the
+    calibration fitted on the table's other programs, so no program scores its own fit). With
+    ``--latency-report-all``, every uniform cell and every trial is measured whole first, in both modes."""
     import mlflow
-    import ray
 
     plan, arch, n = s.plan, s.plan.model.arch, s.plan.model.num_classes
-    subnets = {u.validate(arch) for u in plan.space.uniform_subnets()}
-    subnets |= {SubnetConfig.parse(r["subnet"]).validate(arch) for r in rows}
-    task = ray.remote(_both_modes).options(**task_resources(plan.opts))
-    measured = ray.get(task.remote(s.ctx, sorted(subnets, key=str)))
-    points = [
+    subnets = {SubnetConfig.parse(r["subnet"]).validate(arch) for r in rows}
+    if plan.opts.latency_report_all:
+        subnets |= {u.validate(arch) for u in plan.space.uniform_subnets()}
+    measured, points = in_trial_task(s, _report_rows, sorted(subnets, key=str), plan.opts.latency_report_all)
+    if not measured:
+        return
+    flops = [
         {
             "subnet": m["subnet"],
             "gflops": gflops(arch, SubnetConfig.parse(m["subnet"]), n),
@@ -159,11 +175,39 @@ def report_latency(s: SearchRun, rows: list[dict]) -> None:
         }
         for m in measured
     ]
+    hardware = {m["subnet"]: m["hardware"] for m in measured if m["mode"] == "compiled"}
+    predicted = [
+        {
+            "subnet": name,
+            "predicted_ms": fit_calibration([(x, y) for other, x, y in points if other != name])(total),
+            "measured_ms": ms,
+            "mode": "compiled",
+            "hardware": hardware[name],
+        }
+        for name, total, ms in points
+        if name in hardware and len(points) >= 2
+    ]
     client = mlflow.MlflowClient(s.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        report = latency_report(points, Path(tmp) / "latency_vs_flops.png")
-        (Path(tmp) / "latency_vs_flops.md").write_text(report.markdown)
-        for f in ("latency_vs_flops.md", "latency_vs_flops.png"):
-            client.log_artifact(s.parent_id, str(Path(tmp) / f))
+        tmp = Path(tmp)
+        report = latency_report(flops, tmp / "latency_vs_flops.png")
+        (tmp / "latency_vs_flops.md").write_text(report.markdown)
+        files = ["latency_vs_flops.md", "latency_vs_flops.png"]
+        if predicted:
+            note = (
+                f"Each program is predicted from its parts with the calibration fitted on the table's other "
+                f"{len(points) - 1} whole programs of this hardware (leave one out)."
+            )
+            pred = prediction_report(predicted, tmp / "latency_predicted.png", note)
+            (tmp / "latency_predicted.md").write_text(pred.markdown)
+            files += ["latency_predicted.md", "latency_predicted.png"]
+        for f in files:
+            client.log_artifact(s.parent_id, str(tmp / f))
     for (_, mode), rho in report.spearman.items():
         client.log_metric(s.parent_id, f"latency_flops_spearman.{mode}", rho)
+    if predicted and len(pred.spearman) == 1:  # trials on one kind of hardware (always, with a latency resource)
+        (key,) = pred.spearman
+        client.log_metric(s.parent_id, "latency_prediction.spearman", pred.spearman[key])
+        client.log_metric(s.parent_id, "latency_prediction.median_error", pred.median_error[key])
+        client.log_metric(s.parent_id, "latency_prediction.worst_error", pred.worst_error[key])
+        client.log_metric(s.parent_id, "latency_prediction.within_10pct", pred.within_10pct[key])

@@ -41,10 +41,12 @@ from ..common.runs import (
     ui_command,
 )
 from .answers import choose_answers, log_answers, register_answers, report_latency
+from .latency import LatencySettings
 from .options import SearchOptions
 from .plan import SearchPlan, SearchRun, plan_search, task_resources
 from .report import answer_table
-from .trial import FinishedRecord, LatencySettings, Progress, TrialContext, TrialResult
+from .trial import FinishedRecord, Progress, TrialContext, TrialResult
+from .verify import trial_calibration
 
 __all__ = ["SearchResult", "search", "main"]
 
@@ -85,6 +87,7 @@ def search(opts: SearchOptions, verbose: bool = False) -> SearchResult:
         f"search {name}: budgets {', '.join(opts.budgets)}, {opts.trials} trials each; MLflow run {s.parent_id}",
         flush=True,
     )
+    s.ctx = dataclasses.replace(s.ctx, calibration=trial_calibration(s))
     per_budget = [_search_budget(s, i) for i in range(len(plan.budgets))]
     chosen, rows = choose_answers(s, per_budget)
     log_answers(s, chosen, rows)
@@ -144,7 +147,8 @@ def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: 
         opts.latency_runs,
         opts.latency_threads,
         opts.latency_resource,
-        opts.latency_mode or default_latency_mode(opts.device),
+        "eager" if opts.latency_mode == "eager" else default_latency_mode(opts.device),
+        predict=opts.latency_mode == "predicted",
     )
     state_dict = {k: v.cpu() for k, v in plan.model.state_dict().items()}
     # File-backed: decoded once into the object store when it fits, else streamed by every trial.
@@ -158,6 +162,7 @@ def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: 
         search=search_split,
         table=table,
         latency=latency,
+        calibration=None,
         # Only file-backed images can fail to decode: in-memory data needs no ledger (an actor fewer).
         ledger=start_ledger(opts.max_bad_images) if search_split.dataset is not None else None,
         max_bad_images=opts.max_bad_images,

@@ -11,11 +11,20 @@ logs their output.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LatencyReport", "latency_report", "spearman", "inverted_pairs", "plot_latency"]
+__all__ = [
+    "LatencyReport",
+    "latency_report",
+    "spearman",
+    "inverted_pairs",
+    "plot_latency",
+    "PredictionReport",
+    "prediction_report",
+]
 
 _FIELDS = ("subnet", "gflops", "latency_ms", "mode", "hardware")
 
@@ -148,6 +157,97 @@ def plot_latency(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Measured latency against FLOPs")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------ predicted against measured
+
+_PRED_FIELDS = ("subnet", "predicted_ms", "measured_ms", "mode", "hardware")
+
+
+@dataclass
+class PredictionReport:
+    """Predicted against measured latency per (hardware, mode): ``markdown``, and per group Spearman's rho, the
+    median and worst relative error, and the share of programs within +-10 %."""
+
+    markdown: str
+    spearman: dict[tuple[str, str], float] = field(default_factory=dict)
+    median_error: dict[tuple[str, str], float] = field(default_factory=dict)
+    worst_error: dict[tuple[str, str], float] = field(default_factory=dict)
+    within_10pct: dict[tuple[str, str], float] = field(default_factory=dict)
+    plot: Path | None = None
+
+
+def prediction_report(rows: Sequence[Mapping], plot_path: str | Path | None = None, note: str = "") -> PredictionReport:
+    """Markdown tables, error statistics and (optionally) a scatter plot of predicted against measured latency.
+
+    Rows are dicts with the fields ``subnet``, ``predicted_ms``, ``measured_ms``, ``mode`` and ``hardware``.
+
+    Raises:
+        ValueError: no rows, or a row without those fields.
+    """
+    if not rows:
+        raise ValueError("prediction report: no rows")
+    groups: dict[tuple[str, str], list[Mapping]] = {}
+    for r in rows:
+        missing = [f for f in _PRED_FIELDS if f not in r]
+        if missing:
+            raise ValueError(f"prediction report row {dict(r)} lacks {missing}")
+        groups.setdefault((str(r["hardware"]), str(r["mode"])), []).append(r)
+    rep = PredictionReport(markdown="")
+    lines = ["# Predicted against measured latency", ""] + ([note, ""] if note else [])
+    for key, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["measured_ms"])
+        errs = [abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in rs]
+        rep.spearman[key] = spearman([r["predicted_ms"] for r in rs], [r["measured_ms"] for r in rs])
+        rep.median_error[key] = statistics.median(errs)
+        rep.worst_error[key] = max(errs)
+        rep.within_10pct[key] = sum(e <= 0.10 for e in errs) / len(errs)
+        lines += [
+            f"## {key[0]} — {key[1]}",
+            "",
+            f"{len(rs)} programs: Spearman {rep.spearman[key]:.3f}, median error {100 * rep.median_error[key]:.1f} %, "
+            f"worst {100 * rep.worst_error[key]:.1f} %, within ±10 %: {100 * rep.within_10pct[key]:.0f} %",
+            "",
+            "| subnet | measured (ms) | predicted (ms) | error |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['subnet']} | {r['measured_ms']:.4g} | {r['predicted_ms']:.4g} | "
+            f"{100 * (r['predicted_ms'] / r['measured_ms'] - 1):+.1f} % |"
+            for r in rs
+        ]
+        lines.append("")
+    rep.markdown = "\n".join(lines)
+    if plot_path is not None:
+        rep.plot = _plot_prediction(groups, rep.spearman, Path(plot_path))
+    return rep
+
+
+def _plot_prediction(groups: Mapping[tuple[str, str], Sequence[Mapping]], rhos, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    top = 0.0
+    for (hw, mode), rs in sorted(groups.items()):
+        xs, ys = [r["measured_ms"] for r in rs], [r["predicted_ms"] for r in rs]
+        top = max(top, *xs, *ys)
+        ax.scatter(xs, ys, s=22, label=f"{hw[:40]} {mode} (Spearman {rhos[(hw, mode)]:.2f})")
+    ax.plot([0, top * 1.05], [0, top * 1.05], color="k", lw=1)
+    for f in (0.9, 1.1):
+        ax.plot([0, top * 1.05], [0, f * top * 1.05], color="k", lw=0.6, ls=":")
+    ax.set_xlabel("measured whole program (ms, median)")
+    ax.set_ylabel("predicted from parts (ms)")
+    ax.set_title("Predicted against measured latency (dotted: ±10 %)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -12,7 +12,10 @@ from ..common import cli
 from ..common.cli import UsageError, option
 from .searcher import SAMPLERS
 
-__all__ = ["EXPERIMENT", "SearchOptions"]
+__all__ = ["EXPERIMENT", "SEARCH_LATENCY_MODES", "SearchOptions"]
+
+# How trials get latency: `pipeline.search.latency`.
+SEARCH_LATENCY_MODES = ("predicted", *LATENCY_MODES)
 
 EXPERIMENT = "supervit-search"
 
@@ -45,14 +48,19 @@ class SearchOptions:
     latency_budget: str | None = option(None, help="extra constraint on measured latency, e.g. 5ms")
     latency_batch: int = option(1, help="batch size latency is measured at", min=1)
     latency_runs: int = option(30, help="timed forwards per latency measurement", min=1)
-    latency_mode: str | None = option(
-        None,
-        help="what is timed: the subnet's program compiled for the device, as deployed, or its eager forward "
-        "(default compiled; compile time is recorded apart, never counted)",
-        choices=LATENCY_MODES,
+    latency_mode: str = option(
+        "predicted",
+        help="what trials time: predicted (each subnet's compiled parts, summed and calibrated on whole programs; "
+        "every answer and the Pareto front are then compiled and measured whole), compiled (every subnet's whole "
+        "program compiled for the device, as deployed) or eager (its eager forward); compile time is recorded "
+        "apart, never counted",
+        choices=SEARCH_LATENCY_MODES,
     )
     latency_report: bool = option(
-        True, help="also time every uniform cell and every trial in both modes, and log latency against GFLOPs"
+        True, help="log predicted against measured latency and latency against GFLOPs for what the search measured"
+    )
+    latency_report_all: bool = option(
+        False, help="for the report, also compile and time every uniform cell and every trial whole, in both modes"
     )
     device: str = option("cpu", help="where trials run and latency is measured", choices=("cpu", "cuda"))
     dtype: str = option("float32", help="latency dtype", choices=("float32", "bfloat16", "float16"))

@@ -7,45 +7,27 @@ trial reports. Both are typed dataclasses, so nothing crossing a process boundar
 from __future__ import annotations
 
 import dataclasses
-import time
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from ray.tune import Callback
 
-from supervit import ArchConfig, SubnetConfig, SuperViT, evaluate, gflops, hardware_fingerprint, measure_latency
+from supervit import ArchConfig, Calibration, SubnetConfig, SuperViT, evaluate, gflops
 
 from ..common.batches import HeldOut, raise_if_over, run_bad_images
-from ..common.latency_table import KEY
 from ..common.runs import dump_json, maybe_fail, write_run_file
+from .latency import LatencySettings, trial_latency
 from .space import SearchSpace
 
 __all__ = [
-    "LatencySettings",
     "TrialContext",
     "TrialResult",
-    "latency_row",
-    "measured_latency",
     "run_trial",
     "FinishedRecord",
     "Progress",
 ]
-
-
-@dataclass(frozen=True)
-class LatencySettings:
-    """How latency is measured: device, dtype, batch, timed runs, CPU threads, the Ray resource that marks the
-    hardware it must run on (None: wherever the trial runs), and the mode (the program as deployed: compiled,
-    or the eager forward; see `supervit.default_latency_mode`)."""
-
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch: int = 1
-    runs: int = 30
-    threads: int | None = None
-    resource: str | None = None
-    mode: str = "compiled"
 
 
 @dataclass
@@ -60,6 +42,7 @@ class TrialContext:
     search: HeldOut  # the search split (a class-balanced subset of the held-out split)
     table: Any  # a Ray actor serving the `LatencyTable`
     latency: LatencySettings
+    calibration: Calibration | None  # predicted latency: the parts' sum calibrated on whole programs
     ledger: Any  # the search's `BadImageLedger` actor (None for in-memory data)
     max_bad_images: int
     inject_failure: str | None = None  # failure drill: a marker file; the first trial kills its process once
@@ -90,16 +73,20 @@ class TrialResult:
     latency_p10_ms: float
     latency_p90_ms: float
     latency_cached: bool
-    compile_s: float  # compiling the subnet's program for the measurement (0 when cached, or eager)
+    compile_s: float  # compiling the subnet's program (or its parts) for the measurement (0 when cached, or eager)
     uniform: bool
     trial_node: str
     latency_node: str
     latency_hardware: str
+    latency_source: str = "measured"  # predicted from parts, or measured whole
+    latency_predicted_ms: float = math.nan  # the parts' calibrated sum (nan: not predicted)
+    latency_parts_ms: float = math.nan  # the parts' sum, before calibration
 
     @classmethod
     def from_metrics(cls, metrics: dict) -> TrialResult:
-        """The result inside a Tune result dict (which adds its own keys)."""
-        return cls(**{f.name: metrics[f.name] for f in dataclasses.fields(cls)})
+        """The result inside a Tune result dict (which adds its own keys; a record written before a field existed
+        takes its default)."""
+        return cls(**{f.name: metrics[f.name] for f in dataclasses.fields(cls) if f.name in metrics})
 
     @property
     def subnet_config(self) -> SubnetConfig:
@@ -107,67 +94,9 @@ class TrialResult:
         return SubnetConfig.parse(self.subnet)
 
 
-def latency_row(ctx: TrialContext, subnet: SubnetConfig, threads: int, mode: str | None = None) -> tuple[dict, bool]:
-    """The latency of ``subnet`` on this node's hardware in ``mode`` (default the search's): from the shared
-    table, or measured once and added. Compilation time is recorded beside it, never counted in it.
-
-    Returns:
-        ``(row, cached)``: the table row, and whether it was there already.
-    """
-    import ray
-
-    lat = ctx.latency
-    mode = mode or lat.mode
-    fingerprint, hardware = hardware_fingerprint(lat.device, threads if lat.device == "cpu" else None)
-    key = (fingerprint, ctx.arch_key, subnet.name, lat.batch, lat.dtype, mode)
-    row = ray.get(ctx.table.get.remote(key))
-    if row is not None:
-        return row, True
-    r = measure_latency(
-        ctx.model(),
-        subnet,
-        lat.batch,
-        lat.device,
-        getattr(torch, lat.dtype),
-        runs=lat.runs,
-        warmup=max(3, lat.runs // 5),
-        threads=threads if lat.device == "cpu" else None,
-        mode=mode,
-    )
-    row = dict(zip(KEY, key, strict=True)) | {
-        "hardware": hardware,
-        "compile_s": r.compile_s,
-        "median_ms": r.median_ms,
-        "p10_ms": r.p10_ms,
-        "p90_ms": r.p90_ms,
-        "iqr_ms": r.iqr_ms,
-        "runs": r.runs,
-        "threads": r.threads,
-        "device": r.device,
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    ray.get(ctx.table.put.remote(row))
-    return row, False
-
-
-def measured_latency(ctx: TrialContext, subnet: SubnetConfig, mode: str | None = None) -> tuple[dict, bool]:
-    """`latency_row` where the latency is measured: here, or with a latency resource as a task on a node that has
-    it, holding all of it (one measurement per device at a time)."""
-    import ray
-
-    threads = ctx.latency.threads or torch.get_num_threads()
-    if not ctx.latency.resource:
-        return latency_row(ctx, subnet, threads, mode)
-    # Outside the trial's placement group: the measurement goes wherever the resource is.
-    task = ray.remote(latency_row).options(
-        num_cpus=0, num_gpus=0, resources={ctx.latency.resource: 1}, scheduling_strategy="DEFAULT"
-    )
-    return ray.get(task.remote(ctx, subnet, threads, mode))
-
-
 def run_trial(config: dict, ctx: TrialContext) -> None:
-    """One Tune trial: top-1 on the search split, then latency (from the table, or measured once).
+    """One Tune trial: top-1 on the search split, then latency: predicted from its parts or measured whole (from
+    the table, or measured once; see `pipeline.search.latency`).
 
     With a latency resource, the measurement runs as a task on a node that has the resource, holding all of
     it (one measurement per device at a time); the accuracy is computed wherever the trial runs.
@@ -179,20 +108,23 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     if ctx.inject_failure:
         maybe_fail(ctx.inject_failure)
     acc = ctx.top1([subnet], ctx.search)[subnet]
-    row, cached = measured_latency(ctx, subnet)
+    lat = trial_latency(ctx, subnet, ctx.calibration)
     result = TrialResult(
         subnet=subnet.name,
         gflops=gflops(ctx.arch, subnet, ctx.num_classes),
         top1=acc,
-        latency_ms=row["median_ms"],
-        latency_p10_ms=row["p10_ms"],
-        latency_p90_ms=row["p90_ms"],
-        latency_cached=cached,
-        compile_s=0.0 if cached else float(row.get("compile_s", 0.0)),
+        latency_ms=lat.ms,
+        latency_p10_ms=lat.p10_ms,
+        latency_p90_ms=lat.p90_ms,
+        latency_cached=lat.cached,
+        compile_s=lat.compile_s,
         uniform=subnet.is_uniform,
         trial_node=ray.get_runtime_context().get_node_id(),
-        latency_node=row.get("node_id", ""),
-        latency_hardware=row["hardware"],
+        latency_node=lat.node,
+        latency_hardware=lat.hardware,
+        latency_source=lat.source,
+        latency_predicted_ms=lat.predicted_ms,
+        latency_parts_ms=lat.parts_ms,
     )
     tune.report(dataclasses.asdict(result))
 
@@ -226,8 +158,9 @@ class Progress(Callback):
         if "top1" in m:
             r = TrialResult.from_metrics(m)
             cached = " (cached)" if r.latency_cached else (f" (compiled in {r.compile_s:.1f} s)" if r.compile_s else "")
+            kind = "predicted" if r.latency_source == "predicted" else "latency"
             print(
                 f"[{self.budget}] trial {self.done}/{self.trials}: {r.subnet:<18} {r.gflops * 1e3:9.3f} MFLOPs  "
-                f"top1 {r.top1:5.1f}  latency {r.latency_ms:.3f} ms{cached}",
+                f"top1 {r.top1:5.1f}  {kind} {r.latency_ms:.3f} ms{cached}",
                 flush=True,
             )

@@ -55,3 +55,38 @@ def test_choose_prefers_accuracy_then_speed_then_flops_within_the_latency_budget
 def test_choice_without_a_uniform_subnet():
     c = choose([_result("g8_k0.9-0.7-0.5", 96.0, 4.0, 0.009)])
     assert c.best.subnet == "g8_k0.9-0.7-0.5" and c.uniform is None
+
+
+def _predicted(subnet: str, top1: float, parts_ms: float) -> TrialResult:
+    r = _result(subnet, top1, parts_ms, 0.001)
+    return dataclasses.replace(r, latency_source="predicted", latency_predicted_ms=parts_ms, latency_parts_ms=parts_ms)
+
+
+def test_settle_measures_the_answer_and_front_and_moves_on_when_the_latency_budget_fails():
+    from pipeline.search.verify import settle
+    from supervit import Calibration
+
+    # Predicted (parts sum): g4_k1 is the most accurate and fits 1.0 ms; measured whole it takes 1.4 ms.
+    results = [
+        _predicted("g4_k1", 95.0, 0.9),
+        _predicted("g4_k0.7", 93.0, 0.8),
+        _predicted("g4_k0.5-1-1", 93.0, 0.85),  # dominated: never measured
+        _predicted("g4_k0.5", 80.0, 0.5),
+    ]
+    whole = {"g4_k1": 1.4, "g4_k0.7": 0.75, "g4_k0.5": 0.45, "g4_k0.5-1-1": 0.7}
+    rounds = []
+
+    def measure(names):
+        rounds.append(sorted(names))
+        rows = {n: {"median_ms": whole[n], "p10_ms": whole[n], "p90_ms": whole[n], "hardware": "cpu:x"} for n in names}
+        return rows, Calibration(1.0, -0.05, 1)
+
+    (settled,), cal = settle([results], 1.0, measure, Calibration())
+    assert rounds[0] == ["g4_k0.5", "g4_k0.7", "g4_k1"]  # the front and the choice, in one round
+    by = {r.subnet: r for r in settled}
+    assert by["g4_k1"].latency_ms == 1.4 and by["g4_k1"].latency_source == "measured"
+    assert by["g4_k1"].latency_predicted_ms == pytest.approx(0.85)  # the final calibration, kept beside it
+    assert by["g4_k0.5-1-1"].latency_source == "predicted" and by["g4_k0.5-1-1"].latency_ms == pytest.approx(0.8)
+    # g4_k1 breaks the budget once measured: the next candidate was measured and is the answer.
+    assert choose(settled, 1.0).best.subnet == "g4_k0.7" and cal.offset_ms == -0.05
+    assert all(by[n].latency_source == "measured" for n in ("g4_k0.7", "g4_k0.5"))
