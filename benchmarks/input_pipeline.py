@@ -105,15 +105,17 @@ def make_images(root: Path, n: int, classes: int, seed: int = 0) -> None:
             out.save(d / f"{i:06d}.jpg", "JPEG", quality=90)
 
 
-def make_dataset(big: Path, root: Path, n: int) -> tuple[Path, Path]:
-    """The first ``n`` train images of the ``big`` folder (hard links) plus all of its val, and the Parquet
-    twin (``root/parquet/{train,test}-*.parquet``, rows shuffled, row groups of 64)."""
+def make_dataset(big: Path, root: Path, n: int) -> tuple[Path, Path, Path]:
+    """The first ``n`` train images of the ``big`` folder (hard links) plus all of its val, and two Parquet
+    twins (``{train,test}-*.parquet``, rows shuffled): ``root/parquet`` with row groups of 64 rows, as Hugging
+    Face writes them, and ``root/parquet_onegroup`` written with pyarrow's defaults (``pq.write_table(table,
+    path)``: one row group per file below a million rows)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder, pq_dir = root / "folder", root / "parquet"
+    folder, pq_dir, one_dir = root / "folder", root / "parquet", root / "parquet_onegroup"
     if (root / "done").exists():
-        return folder, pq_dir
+        return folder, pq_dir, one_dir
     rows: dict[str, list[tuple[bytes, int]]] = {"train": [], "val": []}
     for split in ("train", "val"):
         for f in sorted((big / split).rglob("*.jpg")):
@@ -125,6 +127,7 @@ def make_dataset(big: Path, root: Path, n: int) -> tuple[Path, Path]:
                 os.link(f, dst)
             rows[split].append((f.read_bytes(), int(f.parent.name[2:])))
     pq_dir.mkdir(parents=True, exist_ok=True)
+    one_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for split, name in (("train", "train-00000-of-00001"), ("val", "test-00000-of-00001")):
         items = rows[split]
@@ -136,8 +139,58 @@ def make_dataset(big: Path, root: Path, n: int) -> tuple[Path, Path]:
             }
         )
         pq.write_table(table, pq_dir / f"{name}.parquet", row_group_size=64)
+        pq.write_table(table, one_dir / f"{name}.parquet")
     (root / "done").write_text("")
-    return folder, pq_dir
+    return folder, pq_dir, one_dir
+
+
+def _disk_read_bytes() -> int:
+    """Bytes read from the block devices since boot (``/proc/diskstats``: sectors of 512 bytes)."""
+    total = 0
+    with open("/proc/diskstats") as f:
+        for line in f:
+            parts = line.split()
+            if not parts[2].startswith(("loop", "ram")) and not parts[2][-1].isdigit():  # whole disks only
+                total += int(parts[5]) * 512
+    return total
+
+
+def _evict(files: list[Path]) -> None:
+    """Drop ``files`` from the page cache, so their next read goes to storage (and shows in `_disk_read_bytes`)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class DecodeMemory:
+    """Samples ``RssAnon`` of every Ray Data task process (its title names the operator) in a thread."""
+
+    def __init__(self, every_s: float = 0.05):
+        self.anon: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if b"MapBatches" not in f.read():
+                            continue
+                    self.anon[int(pid)] = max(self.anon.get(int(pid), 0), _status(pid).get("RssAnon", 0))
+                except OSError:
+                    continue
+
+    def peak_mb(self) -> float:
+        self._stop.set()
+        return max(self.anon.values(), default=0) / 2**20
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -171,27 +224,40 @@ def phase_throughput(a) -> dict:
 
     torch.set_num_threads(1)
     _init_ray(a.cpus, a.store_mb)
-    folder, pq_dir = a.data.split(",")
-    s, p = _splits(folder, a.held_out), _splits(pq_dir, a.held_out)
+    folder, pq_dir, one_dir = a.data.split(",")
+    s, p, o = _splits(folder, a.held_out), _splits(pq_dir, a.held_out), _splits(one_dir, a.held_out)
     loader = torch.utils.data.DataLoader(s.train, batch_size=a.batch, shuffle=True, num_workers=a.cpus, drop_last=True)
     bad = BadImages(cap=0)
 
     def ray_epoch(ds):
         return (len(b["label"]) for b in ds.iter_torch_batches(batch_size=a.batch, drop_last=True, collate_fn=bad))
 
-    ds_folder, ds_parquet = train_dataset(s.train), train_dataset(p.train)
+    ds_folder, ds_parquet, ds_one = train_dataset(s.train), train_dataset(p.train), train_dataset(o.train)
     runs = {
         "dataloader": lambda: (len(y) for _, y in loader),
         "raydata": lambda: ray_epoch(ds_folder),
         "raydata_parquet": lambda: ray_epoch(ds_parquet),
+        "raydata_parquet_onegroup": lambda: ray_epoch(ds_one),
     }
+    files = {"raydata_parquet": sorted(Path(pq_dir).glob("*.parquet")), "raydata_parquet_onegroup": []}
+    files["raydata_parquet_onegroup"] = sorted(Path(one_dir).glob("*.parquet"))
     rates: dict[str, list[float]] = {k: [] for k in runs}
+    reads: dict[str, list[int]] = {k: [] for k in files}
     for _ in range(max(2, a.rounds)):
         for k, epoch in runs.items():
+            if k in files:
+                _evict(files[k])
+                before = _disk_read_bytes()
             t0 = time.perf_counter()
             seen = sum(epoch())
             rates[k].append(seen / (time.perf_counter() - t0))
-    return {k: {"img_s": float(np.median(v[1:])), "all": v} for k, v in rates.items()}
+            if k in files:
+                reads[k].append(_disk_read_bytes() - before)
+    out = {k: {"img_s": float(np.median(v[1:])), "all": v} for k, v in rates.items()}
+    for k, v in reads.items():  # the train split's files: what one epoch could read at least
+        size = sum(f.stat().st_size for f in files[k] if f.name.startswith("train"))
+        out[k] |= {"read_bytes": float(np.median(v[1:])), "train_file_bytes": size}
+    return out
 
 
 def phase_trainer(a) -> dict:
@@ -201,10 +267,13 @@ def phase_trainer(a) -> dict:
 
     from pipeline.common.batches import BadImages
     from pipeline.common.data import data_config, train_dataset
+    from supervit.data import verify
 
     _init_ray(a.cpus + 1, a.store_mb)  # + 1 logical CPU: the two workers' half CPUs
     folder, pq_dir = a.data.split(",")
     s, p = _splits(folder, a.held_out), _splits(pq_dir, a.held_out)
+    verify(p)  # the supertraining driver's start-up check: its first images, decoded
+    decode = DecodeMemory()
     out = Path(a.out).with_suffix(".workers")
     out.mkdir(parents=True, exist_ok=True)
     epochs, batch = a.epochs, a.batch
@@ -229,7 +298,12 @@ def phase_trainer(a) -> dict:
         run_config=RunConfig(name="input_bench", storage_path=str(out.parent / "runs")),
     ).fit()
     workers = [json.loads((out / f"{r}.json").read_text()) for r in range(2)]
-    return {"workers": workers, "train_size": len(s.train), "fit_s": time.perf_counter() - t0}
+    return {
+        "workers": workers,
+        "train_size": len(s.train),
+        "fit_s": time.perf_counter() - t0,
+        "decode_anon_mb": decode.peak_mb(),
+    }
 
 
 def phase_search(a) -> dict:
@@ -318,12 +392,13 @@ def main() -> None:
         make_images(big, 4 * a.n, a.classes)
         (big / "done").write_text("")
     data = {tag: make_dataset(big, work / f"data_{n}", n) for tag, n in (("N", a.n), ("4N", 4 * a.n))}
-    both = {tag: f"{f},{q}" for tag, (f, q) in data.items()}
     print(f"datasets ready: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    layouts = {"small": 1, "onegroup": 2}  # Parquet twin: row groups of 64, or one row group per file
 
-    r = {"tp": child(a, "throughput", both["N"], "throughput_N")}
+    r = {"tp": child(a, "throughput", ",".join(map(str, data["N"])), "throughput_N")}
     for tag in ("N", "4N"):
-        r[f"tr_{tag}"] = child(a, "trainer", both[tag], f"trainer_{tag}")
+        for lay, i in layouts.items():
+            r[f"tr_{lay}_{tag}"] = child(a, "trainer", f"{data[tag][0]},{data[tag][i]}", f"trainer_{lay}_{tag}")
         r[f"se_{tag}"] = child(a, "search", data[tag][0], f"search_{tag}")
         r[f"st_{tag}"] = child(a, "stack", data[tag][0], f"stack_{tag}")
 
@@ -334,24 +409,32 @@ def main() -> None:
         f"{cores} decode cores; DeiT augmentation (RandAugment m9, erasing 0.25) at 224; "
         f"total {time.perf_counter() - t0:.0f} s",
         "",
-        "| train input at N: decode + DeiT augmentation | img/s | img/s per core | vs DataLoader | per round |",
-        "|---|---|---|---|---|",
+        "| train input at N: decode + DeiT augmentation | img/s | img/s per core | vs DataLoader | per round "
+        "| read from storage per epoch / train files |",
+        "|---|---|---|---|---|---|",
     ]
     tp = r["tp"]
     dl = tp["dataloader"]["img_s"]
     for name, key in (
         ("DataLoader, folder (timm transform)", "dataloader"),
         ("Ray Data, folder", "raydata"),
-        ("Ray Data, Parquet", "raydata_parquet"),
+        ("Ray Data, Parquet, row groups of 64", "raydata_parquet"),
+        ("Ray Data, Parquet, one row group per file", "raydata_parquet_onegroup"),
     ):
         v = tp[key]["img_s"]
         rounds = ", ".join(f"{x:.0f}" for x in tp[key]["all"])
-        lines.append(f"| {name} | {v:.0f} | {v / cores:.0f} | {v / dl:.2f}x | {rounds} |")
+        read = ""
+        if "read_bytes" in tp[key]:
+            mb, size = tp[key]["read_bytes"] / 2**20, tp[key]["train_file_bytes"] / 2**20
+            read = f"{mb:.0f} MB / {size:.0f} MB = {mb / size:.2f}x"
+        lines.append(f"| {name} | {v:.0f} | {v / cores:.0f} | {v / dl:.2f}x | {rounds} | {read} |")
+    one, small = tp["raydata_parquet_onegroup"]["img_s"], tp["raydata_parquet"]["img_s"]
+    lines += ["", f"one row group per file against row groups of 64: {one / small:.2f}x the img/s"]
     lines += ["", "| peak RSS, MB: VmHWM (anon) | N | 4N | 4N / N |", "|---|---|---|---|"]
 
     def row(label: str, key: str, get) -> str:
         n, n4 = get(r[f"{key}_N"]), get(r[f"{key}_4N"])
-        ratio = f"{n4[0] / n[0]:.2f} ({n4[1] / n[1]:.2f})"
+        ratio = f"{n4[0] / n[0]:.2f} ({n4[1] / n[1]:.2f})" if n[0] else f"- ({n4[1] / n[1]:.2f})"
         return f"| {label} | {n[0]:.0f} ({n[1]:.0f}) | {n4[0]:.0f} ({n4[1]:.0f}) | {ratio} |"
 
     def driver(x):
@@ -360,11 +443,18 @@ def main() -> None:
     def worker(i):
         return lambda x: (x["workers"][i]["hwm_mb"], x["workers"][i]["anon_mb"])
 
-    lines.append(row("TorchTrainer driver", "tr", driver))
-    lines += [row(f"TorchTrainer worker {i} (its shard: folder, then Parquet)", "tr", worker(i)) for i in range(2)]
+    def decode(x):
+        return 0.0, x["decode_anon_mb"]
+
+    for lay, text in (("small", "row groups of 64"), ("onegroup", "one row group per file")):
+        lines.append(row(f"TorchTrainer driver (start-up check on Parquet, {text})", f"tr_{lay}", driver))
+        lines += [
+            row(f"TorchTrainer worker {i} (folder, then Parquet, {text})", f"tr_{lay}", worker(i)) for i in range(2)
+        ]
+        lines.append(row(f"decode processes, largest (anon only; Parquet, {text})", f"tr_{lay}", decode))
     lines.append(row("search driver, streamed eval_dataset (2 trials)", "se", driver))
     lines.append(row("search driver, split stacked in memory (before)", "st", driver))
-    rows = (r["tr_N"]["workers"][0]["rows"], r["tr_4N"]["workers"][0]["rows"])
+    rows = (r["tr_small_N"]["workers"][0]["rows"], r["tr_small_4N"]["workers"][0]["rows"])
     held = (r["se_N"]["held_out"], r["se_4N"]["held_out"])
     lines += [
         "",

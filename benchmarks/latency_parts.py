@@ -7,8 +7,9 @@ For one architecture and each batch size, on this machine (CPU, or ``--device cu
 
 1. every part of the preset's whole search space (`supervit.parts.space_parts`) is compiled as deployed and timed
    (`measure_part`), each compile timed apart;
-2. ``--subnets`` whole programs covering every grid, uniform and mixed schedules, are compiled and timed
-   (`measure_latency`, mode ``compiled``);
+2. ``--subnets`` whole programs covering every grid, uniform and mixed schedules, are compiled
+   (`compile_subnet`), and every program is timed in ``--rounds`` interleaved rounds (`time_program`: the same
+   protocol as `measure_latency`), its figure the median of its per-round medians;
 3. the calibration (`fit_calibration`) is fitted on ``--calibrate`` of them (the smallest and largest sums: what a
    search fits on) and the prediction is scored on the others only: share within +-10 %, median and worst
    relative error, Spearman's rank correlation of predicted with measured latency.
@@ -33,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.search.latency_report import spearman  # noqa: E402
 from pipeline.search.space import default_space_path, load_space  # noqa: E402
-from supervit import SubnetConfig, SuperViT, fit_calibration, get_arch, measure_latency, predict_latency  # noqa: E402
-from supervit.export import clear_compiled_cache  # noqa: E402
-from supervit.parts import measure_part, space_parts, subnet_parts  # noqa: E402
+from supervit import SubnetConfig, SuperViT, fit_calibration, get_arch, predict_latency, time_program  # noqa: E402
+from supervit.export import compile_module, compile_subnet  # noqa: E402
+from supervit.parts import PartModule, space_parts, subnet_parts  # noqa: E402
 
 
 def sample_subnets(arch, space, n: int) -> list[SubnetConfig]:
@@ -66,24 +67,42 @@ def run(args, batch: int) -> dict:
     torch.manual_seed(0)
     model = SuperViT(arch, num_classes=args.classes).eval()
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     every = list(space.subnets())
     parts = space_parts(arch, every)
-    part_ms, part_compile = {}, {}
+    programs, compile_s = {}, {}
     t0 = time.perf_counter()
-    for p in parts:
-        r = measure_part(model, p, batch, args.device, dtype, warmup=args.warmup, runs=args.runs, threads=args.threads)
-        part_ms[p], part_compile[p] = r.median_ms, r.compile_s
-        print(f"  part {p.name:<14} {r.median_ms:9.4f} ms  compiled in {r.compile_s:5.1f} s", flush=True)
+    for p in parts:  # every part compiled once, as deployed
+        module = PartModule(model, p).to(device=device, dtype=dtype).eval()
+        x = module.example_input(batch, device, dtype)
+        fn, compile_s[p], _ = compile_module(module, x)
+        programs[p] = (fn, x)
+        print(f"  part {p.name:<14} compiled in {compile_s[p]:5.1f} s", flush=True)
     parts_wall = time.perf_counter() - t0
+    wholes = sample_subnets(arch, space, args.subnets)
+    for s in wholes:
+        c = compile_subnet(model, s, device=device, dtype=dtype, batch_size=batch)
+        programs[s] = (c, c.module.example_input(batch, dtype))
+        compile_s[s] = c.compile_s
+        print(f"  whole {s.name:<18} compiled in {c.compile_s:5.1f} s", flush=True)
+    # Rounds: every program timed once a round, in the same order, so drift and noise on a shared machine hit
+    # every program alike; a program's figure is the median of its per-round medians.
+    per_round = {k: [] for k in programs}
+    for i in range(args.rounds):
+        for k, (fn, x) in programs.items():
+            per_round[k].append(time_program(fn, x, args.warmup, args.runs).median_ms)
+        print(f"  round {i + 1}/{args.rounds} timed", flush=True)
+    ms = {k: statistics.median(v) for k, v in per_round.items()}
+    part_ms = {p: ms[p] for p in parts}
     rows = []
-    for s in sample_subnets(arch, space, args.subnets):
-        r = measure_latency(
-            model, s, batch, args.device, dtype, warmup=args.warmup, runs=args.runs, threads=args.threads
-        )
-        clear_compiled_cache()  # each program holds a copy of the weights
+    for s in wholes:
         total = sum(part_ms[p] for p in subnet_parts(arch, s))
-        rows.append({"subnet": s.name, "measured_ms": r.median_ms, "parts_sum_ms": total, "compile_s": r.compile_s})
-        print(f"  whole {s.name:<18} {r.median_ms:9.4f} ms (parts sum {total:.4f})  compiled in {r.compile_s:5.1f} s")
+        spread = (max(per_round[s]) - min(per_round[s])) / ms[s]
+        rows.append(
+            {"subnet": s.name, "measured_ms": ms[s], "parts_sum_ms": total, "compile_s": compile_s[s], "spread": spread}
+        )
     by_sum = sorted(rows, key=lambda r: r["parts_sum_ms"])
     fit_on = {by_sum[0]["subnet"], by_sum[-1]["subnet"]} if args.calibrate >= 2 else {by_sum[0]["subnet"]}
     for r in by_sum[1:-1]:  # more calibration programs, spread over the range
@@ -98,6 +117,8 @@ def run(args, batch: int) -> dict:
     errs = [abs(r["rel_err"]) for r in test]
     mean_whole = statistics.fmean(r["compile_s"] for r in rows)
     return {
+        "rounds": args.rounds,
+        "whole_round_spread_median": statistics.median(r["spread"] for r in rows),
         "arch": arch.name,
         "batch": batch,
         "device": args.device,
@@ -105,7 +126,7 @@ def run(args, batch: int) -> dict:
         "threads": torch.get_num_threads() if args.threads is None else args.threads,
         "parts": len(parts),
         "space": len(every),
-        "parts_compile_s": sum(part_compile.values()),
+        "parts_compile_s": sum(compile_s[p] for p in parts),
         "parts_wall_s": parts_wall,
         "whole_compile_mean_s": mean_whole,
         "whole_space_compile_s_extrapolated": mean_whole * len(every),
@@ -123,8 +144,8 @@ def run(args, batch: int) -> dict:
 def markdown(res: list[dict]) -> str:
     lines = [
         "| arch | batch | parts / subnets | compile: parts (s) | compile: every subnet (s, extrapolated) | ratio "
-        "| scored | within ±10 % | median err | worst err | Spearman | calibration |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scored | within ±10 % | median err | worst err | Spearman | calibration | threads | round spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res:
         c = r["calibration"]
@@ -133,20 +154,22 @@ def markdown(res: list[dict]) -> str:
             f"{r['whole_space_compile_s_extrapolated']:.0f} ({r['whole_compile_mean_s']:.1f} each) | "
             f"{r['parts_compile_s'] / r['whole_space_compile_s_extrapolated']:.3f} | {r['scored']} | "
             f"{100 * r['within_10pct']:.0f} % | {100 * r['median_rel_err']:.1f} % | {100 * r['worst_rel_err']:.1f} % | "
-            f"{r['spearman']:.3f} | {c['scale']:.3f} x sum {c['offset_ms']:+.4f} ms |"
+            f"{r['spearman']:.3f} | {c['scale']:.3f} x sum {c['offset_ms']:+.4f} ms | {r['threads']} | "
+            f"{100 * r['whole_round_spread_median']:.0f} % |"
         )
     out = ["\n".join(lines), ""]
     for r in res:
         out += [
             f"### {r['arch']}, batch {r['batch']}: predicted against measured (ms)",
             "",
-            "| subnet | measured | predicted | error | parts sum | fitted on |",
-            "|---|---|---|---|---|---|",
+            "| subnet | measured | predicted | error | parts sum | round spread | fitted on |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in sorted(r["rows"], key=lambda x: x["measured_ms"]):
             out.append(
                 f"| {row['subnet']} | {row['measured_ms']:.4f} | {row['predicted_ms']:.4f} | "
-                f"{100 * row['rel_err']:+.1f} % | {row['parts_sum_ms']:.4f} | {'yes' if row['calibration'] else ''} |"
+                f"{100 * row['rel_err']:+.1f} % | {row['parts_sum_ms']:.4f} | {100 * row['spread']:.0f} % | "
+                f"{'yes' if row['calibration'] else ''} |"
             )
         out.append("")
     return "\n".join(out)
@@ -163,7 +186,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=50, help="timed calls per program per round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over every program")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here (and JSON beside it)")
     args = ap.parse_args()
     if args.classes is None:

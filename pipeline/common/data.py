@@ -64,6 +64,7 @@ __all__ = ["train_dataset", "eval_dataset", "data_config", "ROWS_PER_TASK"]
 _ADDRESS = re.compile(r" <[\w.]+ object at 0x[0-9a-f]+>")
 
 ROWS_PER_TASK = 64  # images per decode task: ~0.4 s of work at 224 px, a ~40 MB output block
+SHUFFLE_ROWS = 1024  # encoded images a Parquet reader shuffles among (~45 MB of ImageNet JPEGs)
 log = logging.getLogger(__name__)
 
 
@@ -119,28 +120,79 @@ def _decode_files(batch: dict, storage, transform: _Transform) -> dict[str, np.n
     return _decode_rows(paths, storage.read, names, batch["label"], transform)
 
 
-def _decode_row_groups(batch: dict, reader, transform: _Transform, rows_out: int) -> Iterator[dict]:
-    """One input row per Parquet row-group chunk: read the row group once, yield decoded sub-batches (a task
-    holds one row group of encoded bytes and ``rows_out`` decoded images, however big the row group)."""
-    for file, rg, start, rows, labels in zip(
-        batch["file"], batch["row_group"], batch["start"], batch["rows"], batch["labels"], strict=True
-    ):
-        file, rg, start = int(file), int(rg), int(start)
-        rows = np.asarray(rows, np.int64)
-        try:
-            blobs, err = reader.read(file, rg), None
-        except Exception as e:
-            blobs, err = None, e
-        names = [reader.where(file, int(r)) for r in rows]
+def _read_row_groups(batch: dict, reader, rows_out: int, shuffle: bool) -> Iterator[dict]:
+    """One input row per Parquet row-group chunk: stream the chunk's rows of its row group (`RowGroupReader`:
+    bounded record batches, the group read once, stopping after its last wanted row) and yield blocks of
+    ``rows_out`` encoded images for the decode tasks. A task so holds at most one record batch and, when
+    ``shuffle``, a buffer of `SHUFFLE_ROWS` encoded images (rows leave it in random order: a row group smaller
+    than the buffer is fully permuted, a larger one shuffled within a window), however large the row group."""
+    rng = np.random.default_rng()
+    out: dict[str, list] = {"row": [], "data": [], "label": [], "source": [], "error": []}
+    for file, rg, rows, labels in zip(batch["file"], batch["row_group"], batch["rows"], batch["labels"], strict=True):
+        for row, data, label, error in _chunk_rows(reader, int(file), int(rg), rows, labels, shuffle, rng):
+            for k, v in zip(out, (row, data, label, reader.where(int(file), row), error), strict=True):
+                out[k].append(v)
+            if len(out["row"]) >= rows_out:
+                yield _block(out, rows_out)
+    while out["row"]:
+        yield _block(out, rows_out)
 
-        def get(row: int, blobs=blobs, err=err, start=start):
-            if err is not None:
-                raise err
-            return blobs[row - start]
 
-        for i in range(0, len(rows), rows_out):
-            part = slice(i, i + rows_out)
-            yield _decode_rows([int(r) for r in rows[part]], get, names[part], labels[part], transform)
+def _chunk_rows(reader, file: int, rg: int, rows, labels, shuffle: bool, rng) -> Iterator[tuple]:
+    """``(row, bytes, label, error)`` for the chunk's rows; a row listed k times (repeated augmentation) comes k
+    times in a row. An unreadable file or group makes its remaining rows bad images, never a failed run."""
+    count: dict[int, int] = {}
+    label: dict[int, int] = {}
+    for r, lab in zip(np.asarray(rows, np.int64).tolist(), np.asarray(labels, np.int64).tolist(), strict=True):
+        count[r] = count.get(r, 0) + 1
+        label[r] = lab
+    buffer: list[tuple[int, bytes | None]] = []
+    done: set[int] = set()
+    try:
+        for row, data in reader.iter_rows(file, rg, count):
+            done.add(row)
+            if not shuffle:
+                yield from [(row, data, label[row], "")] * count[row]
+                continue
+            buffer.append((row, data))
+            if len(buffer) >= SHUFFLE_ROWS:  # swap a random entry out: O(1), the rest keeps its place
+                i = int(rng.integers(len(buffer)))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                row, data = buffer.pop()
+                yield from [(row, data, label[row], "")] * count[row]
+    except Exception as e:
+        for row in sorted(set(count) - done):
+            yield from [(row, None, label[row], f"cannot read: {type(e).__name__}: {e}")] * count[row]
+    for j in rng.permutation(len(buffer)) if buffer else ():
+        row, data = buffer[j]
+        yield from [(row, data, label[row], "")] * count[row]
+
+
+def _block(out: dict[str, list], n: int | None = None) -> dict:
+    """The first ``n`` rows of ``out`` (all of them by default) as a block, removed from it."""
+    n = len(out["row"]) if n is None else min(n, len(out["row"]))
+    block = {
+        "row": np.asarray(out["row"][:n], np.int64),
+        "data": np.asarray(out["data"][:n], dtype=object),
+        "label": np.asarray(out["label"][:n], np.int64),
+        "source": np.asarray(out["source"][:n], dtype=object),
+        "error": np.asarray(out["error"][:n], dtype=object),
+    }
+    for v in out.values():
+        del v[:n]
+    return block
+
+
+def _decode_encoded(batch: dict, transform: _Transform) -> dict[str, np.ndarray]:
+    """Decode a block of encoded rows from `_read_row_groups` (a row that could not be read stays bad)."""
+    data, errors = batch["data"], batch["error"]
+
+    def get(i: int):
+        if errors[i]:
+            raise OSError(str(errors[i]).removeprefix("cannot read: "))
+        return data[i]
+
+    return _decode_rows(range(len(data)), get, list(batch["source"]), batch["label"], transform)
 
 
 def _permute_items(table, repeats: int) -> Iterator:
@@ -235,8 +287,12 @@ def _decode_op(ds, split: FileImages, train: bool, augment: Augment, rows_per_ta
     transform = _Transform(split.img_size, split.in_chans, train, augment)
     args = {"num_cpus": 1, **remote_args}
     if isinstance(split, ParquetRows):
-        kw = dict(reader=split.reader, transform=transform, rows_out=rows_per_task)
-        return ds.map_batches(_decode_row_groups, batch_size=1, fn_kwargs=kw, **args)
+        # Reading and decoding are two operators: one task streams a row group once (little CPU: a fraction of a
+        # decode task's share, so Ray Data does not fuse the two), many tasks decode its blocks in parallel.
+        kw = dict(reader=split.reader, rows_out=rows_per_task, shuffle=train)
+        read_args = {**args, "num_cpus": args["num_cpus"] / 4}
+        ds = ds.map_batches(_read_row_groups, batch_size=1, fn_kwargs=kw, **read_args)
+        return ds.map_batches(_decode_encoded, batch_size=rows_per_task, fn_kwargs={"transform": transform}, **args)
     kw = dict(storage=split.storage, transform=transform)
     return ds.map_batches(_decode_files, batch_size=rows_per_task, fn_kwargs=kw, **args)
 

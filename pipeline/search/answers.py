@@ -19,7 +19,7 @@ from ..common.registry import budget_alias, log_subnet_model
 from ..common.runs import dump_json
 from .latency import measured_latency, table_calibration
 from .latency_report import latency_report, prediction_report
-from .plan import SearchRun, task_resources
+from .plan import SearchRun
 from .report import pareto_plot
 from .select import choose, pareto_front
 from .trial import TrialContext, TrialResult
@@ -33,7 +33,7 @@ def test_top1(s: SearchRun, subnets: list) -> dict:
     import ray
 
     test = held_out(s.plan.splits.test, {"num_cpus": s.plan.opts.decode_cpus}, materialize=False)
-    task = ray.remote(TrialContext.top1).options(**task_resources(s.plan.opts))
+    task = ray.remote(TrialContext.top1).options(**s.resources)
     return ray.get(task.remote(s.ctx, subnets, test))
 
 

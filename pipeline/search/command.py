@@ -140,12 +140,16 @@ def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: 
         .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
         .remote(plan.table_path)
     )
+    resources = task_resources(opts)
+    # One thread count for every measurement of the search (parts, trials, whole programs), whichever process
+    # takes it: the count is part of the hardware fingerprint, and Ray gives its processes different defaults.
+    threads = opts.latency_threads or (resources["num_cpus"] if opts.device == "cpu" else None)
     latency = LatencySettings(
         opts.device,
         opts.dtype,
         opts.latency_batch,
         opts.latency_runs,
-        opts.latency_threads,
+        threads,
         opts.latency_resource,
         "eager" if opts.latency_mode == "eager" else default_latency_mode(opts.device),
         predict=opts.latency_mode == "predicted",
@@ -173,7 +177,7 @@ def _start(plan: SearchPlan, name: str, storage: str, tracking_uri: str, state: 
     study_path.parent.mkdir(parents=True, exist_ok=True)
     backend = optuna.storages.journal.JournalFileBackend(str(study_path))
     study = optuna.storages.JournalStorage(backend)
-    return SearchRun(plan, name, storage, tracking_uri, parent_id, state is not None, ctx, study, study_path)
+    return SearchRun(plan, name, storage, tracking_uri, parent_id, state is not None, ctx, study, study_path, resources)
 
 
 def _finished_record(i: int) -> str:
@@ -213,7 +217,7 @@ def _search_budget(s: SearchRun, i: int) -> list[TrialResult]:
     record = FinishedRecord(s.storage, s.name, _finished_record(i), finished)
     remaining = opts.trials - len(finished)
     if remaining > 0 and not searcher.feasible <= set(searcher.known):
-        task = task_resources(opts)
+        task = s.resources
         resources = {"cpu": task["num_cpus"], "gpu": task.get("num_gpus", 0)}
         tuner = tune.Tuner(
             tune.with_parameters(tune.with_resources(_trainable(), resources), ctx=s.ctx),

@@ -140,6 +140,7 @@ class SearchRun:
     ctx: TrialContext
     study_storage: object  # Optuna storage the studies are persisted in
     study_path: Path
+    resources: dict  # a trial's (and a measuring task's) resources, fixed at the start (`task_resources`)
 
 
 def task_resources(opts: SearchOptions) -> dict:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from supervit import Calibration, SubnetConfig, gflops, subnet_parts
 
 from .latency import measured_latency, on_latency_node, part_rows, table_calibration
-from .plan import SearchRun, task_resources
+from .plan import SearchRun
 from .select import choose, pareto_front
 from .trial import TrialResult
 
@@ -30,7 +30,7 @@ def in_trial_task(s: SearchRun, fn, *args):
     latency was measured on, or the route to the latency resource), not necessarily the driver's node."""
     import ray
 
-    return ray.get(ray.remote(fn).options(**task_resources(s.plan.opts)).remote(s.ctx, *args))
+    return ray.get(ray.remote(fn).options(**s.resources).remote(s.ctx, *args))
 
 
 def measure_whole(s: SearchRun, subnets: list[SubnetConfig]) -> dict[str, dict]:

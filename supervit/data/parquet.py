@@ -8,7 +8,7 @@ import glob
 import os
 import posixpath
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,35 +36,68 @@ class ParquetFile:
         return int(np.searchsorted(self.row_group_starts, row, side="right")) - 1
 
 
+BATCH_ROWS = 64  # rows a reader decodes from Parquet at a time: ~3 MB of ImageNet JPEGs
+_BUFFER = 1 << 20  # bytes of the file a reader holds while it streams a row group
+
+
 class RowGroupReader:
-    """Reads the encoded images of one Parquet row group (and nothing else): what every image read costs.
+    """Streams the encoded images of chosen rows of one Parquet row group, ``batch_rows`` rows at a time.
+
+    A row group is read from its start in bounded record batches (buffered reads, no pre-buffering of the whole
+    column chunk), only the rows asked for become Python bytes, and reading stops after the last of them: memory
+    does not grow with the row group, and a group is read once for all the rows wanted of it. ``peak_rows`` is
+    the most rows this reader has held materialised at once (what the tests check).
 
     Small and picklable (the files and the storage, no items): Ray tasks get this, not the dataset.
     """
 
-    def __init__(self, storage: Storage, files: list[ParquetFile]):
-        self.storage, self.files = storage, files
+    def __init__(self, storage: Storage, files: list[ParquetFile], batch_rows: int = BATCH_ROWS):
+        self.storage, self.files, self.batch_rows = storage, files, batch_rows
+        self.peak_rows = 0
 
-    def read(self, file: int, row_group: int) -> list[bytes | None]:
-        """The image bytes of every row of ``row_group`` of file number ``file``."""
+    def iter_rows(
+        self, file: int, row_group: int, rows: Iterable[int] | None = None
+    ) -> Iterator[tuple[int, bytes | None]]:
+        """``(row, image bytes)`` for each distinct row of ``rows`` (file row numbers, all in ``row_group``; None:
+        every row of the group), in file order."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         f = self.files[file]
+        want = None if rows is None else sorted({int(r) for r in rows})
+        if want == []:
+            return
+        k, offset = 0, f.row_group_starts[row_group]
         with self.storage.fs.open_input_file(f.path) as handle:
-            col = pq.ParquetFile(handle).read_row_group(row_group, columns=[f.image_column]).column(0)
-        if pa.types.is_struct(col.type):
-            col = pa.chunked_array([c.field("bytes") for c in col.chunks], type=col.type.field("bytes").type)
-        return col.to_pylist()
+            pf = pq.ParquetFile(handle, buffer_size=_BUFFER, pre_buffer=False)
+            batches = pf.iter_batches(batch_size=self.batch_rows, row_groups=[row_group], columns=[f.image_column])
+            for batch in batches:
+                col = batch.column(0)
+                self.peak_rows = max(self.peak_rows, len(col))
+                if pa.types.is_struct(col.type):
+                    col = col.field("bytes")
+                end = offset + len(col)
+                if want is None:
+                    for i in range(len(col)):
+                        yield offset + i, col[i].as_py()
+                else:
+                    while k < len(want) and want[k] < end:
+                        yield want[k], col[want[k] - offset].as_py()
+                        k += 1
+                    if k == len(want):
+                        return  # the rest of the group is not read
+                offset = end
+        if want is not None and k < len(want):
+            raise IndexError(f"{self.where(file, want[k])}: no such row in row group {row_group}")
 
     def where(self, file: int, row: int) -> str:
         return f"{self.storage.name(self.files[file].path)} row {row}"
 
 
 class ParquetRows(FileImages):
-    """Rows of Parquet files (one item per row: the file and the row number); reading an item reads its
-    row group, which the dataset keeps until an item of another row group is read (sequential reads of
-    one row group cost one read)."""
+    """Rows of Parquet files (one item per row: the file and the row number). Reading an item streams its row
+    group up to that row (`RowGroupReader`) and keeps the stream, so reading a group's items in order reads the
+    group once; memory stays one record batch, however large the row group."""
 
     def __init__(
         self,
@@ -82,7 +115,7 @@ class ParquetRows(FileImages):
         self.files = files
         self.file_index = np.asarray(file_index, dtype=np.int32)
         self.rows = np.asarray(rows, dtype=np.int64)
-        self._cache: tuple[tuple[int, int], list] | None = None
+        self._stream: tuple[int, int, int, Iterator] | None = None  # (file, group, next row, rows of the group)
 
     @property
     def reader(self) -> RowGroupReader:
@@ -95,11 +128,16 @@ class ParquetRows(FileImages):
 
     def read(self, i: int) -> bytes | None:
         f, row = int(self.file_index[i]), int(self.rows[i])
-        meta = self.files[f]
-        rg = meta.row_group(row)
-        if self._cache is None or self._cache[0] != (f, rg):
-            self._cache = ((f, rg), self.reader.read(f, rg))
-        return self._cache[1][row - meta.row_group_starts[rg]]
+        rg = self.files[f].row_group(row)
+        if self._stream is None or self._stream[:2] != (f, rg) or self._stream[2] > row:
+            self._stream = (f, rg, 0, self.reader.iter_rows(f, rg))  # from the group's start
+        stream = self._stream[3]
+        for r, data in stream:
+            self._stream = (f, rg, r + 1, stream)
+            if r == row:
+                return data
+        self._stream = None
+        raise DataError(f"cannot read image {self.where(i)}: no such row")
 
     def where(self, i: int) -> str:
         return self.reader.where(int(self.file_index[i]), int(self.rows[i]))
@@ -108,12 +146,12 @@ class ParquetRows(FileImages):
         out = copy.copy(self)
         out.file_index, out.rows = self.file_index[idx], self.rows[idx]
         out.targets = [self.targets[i] for i in idx]
-        out._cache = None
+        out._stream = None
         return out
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_cache"] = None  # a decoded row group is not worth shipping
+        state["_stream"] = None  # an open read is not worth shipping (nor picklable)
         return state
 
 

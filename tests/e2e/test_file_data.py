@@ -1,6 +1,6 @@
 """Both commands on file-backed data, streamed through Ray Data into the workers and trials: an ImageFolder of
 real photographs (with undecodable files among them) and its Parquet twin in an S3 bucket (moto, 127.0.0.1); the
-search times subnets as deployed (compiled) and reports latency against FLOPs."""
+search predicts latency from compiled parts, measures its answer whole as deployed, and reports both."""
 
 import dataclasses
 import os
@@ -17,6 +17,7 @@ from pipeline.common.latency_table import LatencyTable
 from pipeline.search import search
 from pipeline.search.space import load_space
 from pipeline.supertrain import supertrain
+from supervit import SubnetConfig, get_arch, subnet_parts
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -59,33 +60,56 @@ def test_image_folder_trains_skipping_bad_images_then_a_bucket_is_searched_timin
 
     # The supernet searched on the photos' Parquet twin in a bucket (--data: same classes, same images), streamed
     # into the trials. (Searching the folder itself differs only in the reader, which test_ray_data covers.)
-    # The default latency mode times each subnet's compiled program (compile time apart), and the report times
-    # every uniform cell and every trial in both modes, with the rank correlation of latency and FLOPs. A space of
-    # eight subnets, two of them uniform cells: compiling costs seconds a subnet.
+    # The default latency mode predicts each trial's latency from its compiled parts (compiled once, kept in the
+    # table), then compiles and measures whole, as deployed, the answer and the Pareto front before registering;
+    # --latency-report-all also times every uniform cell and every trial whole in both modes. A space of eight
+    # subnets, two of them uniform cells: compiling costs seconds a program.
     space = tmp_path / "small.yaml"
     space.write_text("preset: tiny\ngrids: [4]\nkeep_rates: [[0.5, 1.0], [0.5, 1.0], [0.5, 1.0]]\n")
     bucket = s3_bucket("parquet")
     opts = search_opts(tmp_path, mlflow_uri, res.run_id, data=bucket, budgets=["0.3x"], trials=2, decode_cpus=0.5)
-    out = search(dataclasses.replace(opts, name="b", space=str(space), latency_mode=None, latency_report=True))
+    opts = dataclasses.replace(opts, name="b", space=str(space), latency_report=True, latency_report_all=True)
+    out = search(dataclasses.replace(opts, latency_mode="predicted"))
     assert len(out.trials) == 2 and 0 <= out.chosen[0]["test_top1"] <= 100
     parent = client.get_run(out.parent_run_id)
     assert parent.data.params["data"].startswith("s3://***@datasets/photos/parquet")  # no credentials in MLflow
     assert parent.data.params["search_size"] == "3"  # 5% of train, one per class
 
-    assert all(r["compile_s"] > 0 for r in out.trials)  # compiled here, and not counted in the latency
-    rows = LatencyTable(tmp_path / "lat.parquet").rows.values()
+    table = LatencyTable(tmp_path / "lat.parquet")
+    rows = table.rows.values()
+    parts = {r["subnet"] for r in rows if r["kind"] == "part"}
+    first, second = sorted(out.trials, key=lambda r: r["compile_s"], reverse=True)
+    assert first["compile_s"] > 0  # the first trial compiled its parts; compile time is never counted as latency
+    for r in out.trials:  # each trial's latency is its parts' calibrated sum, every part in the table
+        names = {p.key for p in subnet_parts(get_arch("tiny"), SubnetConfig.parse(r["subnet"]))}
+        assert names <= parts and r["latency_parts_ms"] > 0
+    # A part serves every subnet and layer: the two trials' seven-odd part uses share programs.
+    assert len(parts) < sum(len(subnet_parts(get_arch("tiny"), SubnetConfig.parse(r["subnet"]))) for r in out.trials)
+    chosen = out.chosen[0]
+    whole = {r["subnet"]: r for r in rows if r["kind"] == "subnet" and r["mode"] == "compiled"}
+    # The answer was measured whole, as deployed, and chosen on that measurement; both latencies are kept.
+    assert chosen["latency_source"] == "measured" and chosen["latency_ms"] == whole[chosen["subnet"]]["median_ms"]
+    assert chosen["latency_predicted_ms"] > 0
+    version = client.get_model_version_by_alias("supervit-tiny-subnets", "budget-0_3x")
+    assert float(version.tags["latency_measured_ms"]) == pytest.approx(chosen["latency_ms"], rel=1e-3)
+    assert float(version.tags["latency_predicted_ms"]) == pytest.approx(chosen["latency_predicted_ms"], rel=1e-3)
+    assert version.tags["latency_source"] == "measured" and version.tags["latency_mode"] == "compiled"
+
     cells = {s.name for s in load_space(space).uniform_subnets()}
     assert cells == {"g4_k0.5", "g4_k1"}
-    for mode in ("eager", "compiled"):  # the two modes never share a row
-        measured = {r["subnet"] for r in rows if r["mode"] == mode}
+    for mode in ("eager", "compiled"):  # --latency-report-all: every cell and trial in both modes, never mixed
+        measured = {r["subnet"] for r in rows if r["mode"] == mode and r["kind"] == "subnet"}
         assert cells | {r["subnet"] for r in out.trials} <= measured, mode
     assert all(r["compile_s"] == 0 for r in rows if r["mode"] == "eager")
     artifacts = {a.path for a in client.list_artifacts(out.parent_run_id)}
-    assert {"latency_vs_flops.md", "latency_vs_flops.png"} <= artifacts
+    assert {"latency_vs_flops.md", "latency_vs_flops.png", "latency_predicted.md", "latency_predicted.png"} <= artifacts
     metrics = parent.data.metrics
     assert -1 <= metrics["latency_flops_spearman.compiled"] <= 1 and -1 <= metrics["latency_flops_spearman.eager"] <= 1
+    assert metrics["latency_prediction.worst_error"] >= metrics["latency_prediction.median_error"] >= 0
     report = open(download(mlflow_uri, out.parent_run_id, "latency_vs_flops.md", tmp_path / "dl")).read()
     assert report.count("Spearman rank correlation") == 2 and "g4_k1" in report
+    predicted = open(download(mlflow_uri, out.parent_run_id, "latency_predicted.md", tmp_path / "dl")).read()
+    assert "leave one out" in predicted and all(c in predicted for c in cells)
 
 
 def test_too_many_bad_images_stop_the_run_with_one_line(ray_session, tmp_path, mlflow_uri, folder_with_bad_images):

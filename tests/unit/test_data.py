@@ -429,11 +429,14 @@ def test_parquet_twin_holds_an_index_only(photo_data):
     assert not hasattr(s.train, "blobs")
     x, y = next(iter(torch.utils.data.DataLoader(s.test, batch_size=len(s.test))))
     assert x.shape == (12, 3, 224, 224) and y.tolist() == s.test.targets
-    # Reading an item reads its row group (8 rows here), and the next item of that group costs nothing.
+    # Reading an item streams its row group (8 rows here) up to it, and the next item continues that read.
     ds = s.test
     assert ds.files[ds.file_index[0]].row_group_starts == [0, 8]
     ds[0]
-    assert ds._cache[0] == (int(ds.file_index[0]), 0) and len(ds._cache[1]) == 8
+    stream = ds._stream
+    assert stream[:3] == (int(ds.file_index[0]), 0, int(ds.rows[0]) + 1)
+    ds[1]
+    assert ds._stream[3] is stream[3] and ds._stream[2] == int(ds.rows[1]) + 1
 
 
 def test_file_uri_lists_and_reads(photo_data, tree, tmp_path):
@@ -502,3 +505,37 @@ def test_balanced_subset():
     assert targets == before  # pure
     with pytest.raises(ValueError):
         balanced_subset(targets, -1)
+
+
+@pytest.mark.parametrize("struct", [False, True])
+def test_a_large_row_group_is_read_image_by_image_in_bounded_memory(tmp_path, struct):
+    from supervit.data.parquet import BATCH_ROWS
+
+    rng = np.random.default_rng(0)
+    peaks, columns = {}, {}
+    for n in (8000, 16000):  # pyarrow's defaults: one row group for the whole file, 1.5 KB "images"
+        blobs = [rng.bytes(1500) for _ in range(n)]
+        images = [{"bytes": b, "path": f"{i}.jpg"} for i, b in enumerate(blobs)] if struct else blobs
+        path = tmp_path / f"one_group_{n}.parquet"
+        pq.write_table(pa.table({"image": images, "label": [i % 3 for i in range(n)]}), path)
+        assert pq.ParquetFile(path).metadata.num_row_groups == 1
+        rows = parquet(str(path), TINY, search_fraction=0.0).train
+        base, peak = pa.total_allocated_bytes(), 0
+        for i in range(len(rows)):  # image by image, as a DataLoader (or the driver's start-up check) reads them
+            assert rows.read(i) == blobs[int(rows.rows[i])]
+            peak = max(peak, pa.total_allocated_bytes() - base)
+        peaks[n], columns[n] = peak, sum(map(len, blobs))
+    # What the reader materialises does not grow with the row group: a page or two (pyarrow writes at most 1024
+    # rows a page), not the group, which reading it whole (as before) held entire.
+    assert peaks[8000] < 0.5 * columns[8000], peaks
+    assert peaks[16000] < 1.25 * peaks[8000], peaks
+    reader = rows.reader
+    wanted = [15999, 10, 11, 8000]
+    got = dict(reader.iter_rows(0, 0, wanted))
+    assert sorted(got) == sorted(wanted) and all(got[r] == blobs[r] for r in wanted)
+    assert 0 < reader.peak_rows <= BATCH_ROWS  # and at most one record batch of Python bytes
+    # Reading stops after the last wanted row; a row the group lacks is an error, not a short read.
+    early = rows.reader
+    assert [r for r, _ in early.iter_rows(0, 0, [0, 5])] == [0, 5] and early.peak_rows <= BATCH_ROWS
+    with pytest.raises(IndexError, match="no such row"):
+        list(early.iter_rows(0, 0, [16000]))
