@@ -22,6 +22,7 @@ from pipeline.supertrain import SupertrainOptions
 from supervit import ArchConfig, SubnetSampler, SuperViT, get_arch, save_checkpoint, supertrain_step
 from supervit.data import synthetic
 
+BROKEN = ("zz_truncated.jpg", "zz_not_an_image.png")  # the undecodable files of the folder_with_bad_images fixture
 LATENCY_RESOURCE = "latency_device"  # a custom resource only the second node of the test cluster has
 
 # A small 3-channel architecture: fast forwards with DeiT's channel count, three grids and three pruning stages.

@@ -191,8 +191,6 @@ class LatencyTable:
         for r in rows:
             if r.get("mode") is None:
                 r["mode"] = LEGACY_MODE
-            if r.get("kind") is None:  # rows written before parts were timed are whole subnets
-                r["kind"] = "subnet"
             r.setdefault("written_ns", 0)
         missing = [k for k in KEY if rows and k not in rows[0]]
         if missing:

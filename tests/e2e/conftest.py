@@ -1,11 +1,12 @@
 """One two-node Ray cluster on this machine per test session, 2 CPUs in all."""
 
 import os
+import shutil
 import socket
 
 import pytest
 
-from helpers import LATENCY_RESOURCE
+from helpers import BROKEN, LATENCY_RESOURCE
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +58,20 @@ def photos(tmp_path_factory, ray_session):
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     return write_photo_dataset(tmp_path_factory.mktemp("photos"), num_classes=3, train_per_class=10, val_per_class=4)
+
+
+@pytest.fixture
+def folder_with_bad_images(photos, tmp_path):
+    """The photo ImageFolder plus two undecodable files at the end of one training class, and one more good
+    photo: 30 training files, so the batch sizes below use every file of every epoch (a bad file is met each time,
+    never left out as a remainder)."""
+    root = tmp_path / "photos"
+    shutil.copytree(photos[0], root)
+    jpeg = next((root / "train" / "class_0").glob("*.jpg")).read_bytes()
+    (root / "train" / "class_1" / "zz_copy.jpg").write_bytes(jpeg)
+    (root / "train" / "class_0" / BROKEN[0]).write_bytes(jpeg[: len(jpeg) // 3])
+    (root / "train" / "class_0" / BROKEN[1]).write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
+    return root
 
 
 def free_port() -> int:

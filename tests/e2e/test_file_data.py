@@ -3,16 +3,11 @@ real photographs (with undecodable files among them) and its Parquet twin in an 
 search predicts latency from compiled parts, measures its answer whole as deployed, and reports both."""
 
 import dataclasses
-import os
-import shutil
-import signal
-import subprocess
-import sys
 
 import mlflow
 import pytest
 
-from helpers import download, metric_steps, search_opts, supertrain_opts
+from helpers import BROKEN, download, metric_steps, search_opts, supertrain_opts
 from pipeline.common.latency_table import LatencyTable
 from pipeline.search import search
 from pipeline.search.space import load_space
@@ -23,21 +18,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # The test cluster has one CPU a node: workers and trials leave half of it to the decoding tasks.
 SHARE = dict(cpus_per_worker=0.5, decode_cpus=0.5)
-BROKEN = ("zz_truncated.jpg", "zz_not_an_image.png")
-
-
-@pytest.fixture
-def folder_with_bad_images(photos, tmp_path):
-    """The photo ImageFolder plus two undecodable files at the end of one training class, and one more good
-    photo: 30 training files, so the batch sizes below use every file of every epoch (a bad file is met each time,
-    never left out as a remainder)."""
-    root = tmp_path / "photos"
-    shutil.copytree(photos[0], root)
-    jpeg = next((root / "train" / "class_0").glob("*.jpg")).read_bytes()
-    (root / "train" / "class_1" / "zz_copy.jpg").write_bytes(jpeg)
-    (root / "train" / "class_0" / BROKEN[0]).write_bytes(jpeg[: len(jpeg) // 3])
-    (root / "train" / "class_0" / BROKEN[1]).write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
-    return root
 
 
 def test_image_folder_trains_skipping_bad_images_then_a_bucket_is_searched_timing_subnets_as_deployed(
@@ -62,10 +42,10 @@ def test_image_folder_trains_skipping_bad_images_then_a_bucket_is_searched_timin
     # into the trials. (Searching the folder itself differs only in the reader, which test_ray_data covers.)
     # The default latency mode predicts each trial's latency from its compiled parts (compiled once, kept in the
     # table), then compiles and measures whole, as deployed, the answer and the Pareto front before registering;
-    # --latency-report-all also times every uniform cell and every trial whole in both modes. A space of eight
-    # subnets, two of them uniform cells: compiling costs seconds a program.
+    # --latency-report-all also times every uniform cell and every trial whole in both modes. A space of two
+    # subnets (five parts), one a uniform cell: compiling costs seconds a program.
     space = tmp_path / "small.yaml"
-    space.write_text("preset: tiny\ngrids: [4]\nkeep_rates: [[0.5, 1.0], [0.5, 1.0], [0.5, 1.0]]\n")
+    space.write_text("preset: tiny\ngrids: [4]\nkeep_rates: [[0.5, 1.0], [1.0], [1.0]]\n")
     bucket = s3_bucket("parquet")
     opts = search_opts(tmp_path, mlflow_uri, res.run_id, data=bucket, budgets=["0.3x"], trials=2, decode_cpus=0.5)
     opts = dataclasses.replace(opts, name="b", space=str(space), latency_report=True, latency_report_all=True)
@@ -77,7 +57,7 @@ def test_image_folder_trains_skipping_bad_images_then_a_bucket_is_searched_timin
 
     table = LatencyTable(tmp_path / "lat.parquet")
     rows = table.rows.values()
-    parts = {r["subnet"] for r in rows if r["kind"] == "part"}
+    parts = {r["subnet"] for r in rows if r.get("kind") == "part"}
     first, second = sorted(out.trials, key=lambda r: r["compile_s"], reverse=True)
     assert first["compile_s"] > 0  # the first trial compiled its parts; compile time is never counted as latency
     for r in out.trials:  # each trial's latency is its parts' calibrated sum, every part in the table
@@ -86,7 +66,7 @@ def test_image_folder_trains_skipping_bad_images_then_a_bucket_is_searched_timin
     # A part serves every subnet and layer: the two trials' seven-odd part uses share programs.
     assert len(parts) < sum(len(subnet_parts(get_arch("tiny"), SubnetConfig.parse(r["subnet"]))) for r in out.trials)
     chosen = out.chosen[0]
-    whole = {r["subnet"]: r for r in rows if r["kind"] == "subnet" and r["mode"] == "compiled"}
+    whole = {r["subnet"]: r for r in rows if r.get("kind", "subnet") == "subnet" and r["mode"] == "compiled"}
     # The answer was measured whole, as deployed, and chosen on that measurement; both latencies are kept.
     assert chosen["latency_source"] == "measured" and chosen["latency_ms"] == whole[chosen["subnet"]]["median_ms"]
     assert chosen["latency_predicted_ms"] > 0
@@ -96,9 +76,9 @@ def test_image_folder_trains_skipping_bad_images_then_a_bucket_is_searched_timin
     assert version.tags["latency_source"] == "measured" and version.tags["latency_mode"] == "compiled"
 
     cells = {s.name for s in load_space(space).uniform_subnets()}
-    assert cells == {"g4_k0.5", "g4_k1"}
+    assert cells == {"g4_k1"}
     for mode in ("eager", "compiled"):  # --latency-report-all: every cell and trial in both modes, never mixed
-        measured = {r["subnet"] for r in rows if r["mode"] == mode and r["kind"] == "subnet"}
+        measured = {r["subnet"] for r in rows if r["mode"] == mode and r.get("kind", "subnet") == "subnet"}
         assert cells | {r["subnet"] for r in out.trials} <= measured, mode
     assert all(r["compile_s"] == 0 for r in rows if r["mode"] == "eager")
     artifacts = {a.path for a in client.list_artifacts(out.parent_run_id)}
@@ -110,24 +90,3 @@ def test_image_folder_trains_skipping_bad_images_then_a_bucket_is_searched_timin
     assert report.count("Spearman rank correlation") == 2 and "g4_k1" in report
     predicted = open(download(mlflow_uri, out.parent_run_id, "latency_predicted.md", tmp_path / "dl")).read()
     assert "leave one out" in predicted and all(c in predicted for c in cells)
-
-
-def test_too_many_bad_images_stop_the_run_with_one_line(ray_session, tmp_path, mlflow_uri, folder_with_bad_images):
-    cmd = [sys.executable, "-m", "pipeline.supertrain", "--data", str(folder_with_bad_images), "--epochs", "2"]
-    cmd += ["--batch-size", "30", "--workers", "1", "--cpus-per-worker", "0.5", "--decode-cpus", "0.5"]
-    # No worker-group restarts: each would stop on the same line, only later.
-    cmd += ["--max-bad-images", "1", "--max-failures", "0", "--storage", str(tmp_path / "ray")]
-    cmd += ["--mlflow-uri", mlflow_uri]
-    cmd += ["--address", ray_session]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: 2 undecodable images, more than --max-bad-images 1"), err
-    assert all(name in lines[0] for name in BROKEN)
-    run = mlflow.MlflowClient(mlflow_uri).search_runs(["1"])[0]
-    assert run.info.status == "FAILED"
