@@ -65,6 +65,7 @@ _ADDRESS = re.compile(r" <[\w.]+ object at 0x[0-9a-f]+>")
 
 ROWS_PER_TASK = 64  # images per decode task: ~0.4 s of work at 224 px, a ~40 MB output block
 SHUFFLE_ROWS = 1024  # encoded images a Parquet reader shuffles among (~45 MB of ImageNet JPEGs)
+PARQUET_BLOCK_BYTES = 16 * 2**20  # largest block of a Parquet pipeline (~350 encoded or ~27 decoded 224-px images)
 log = logging.getLogger(__name__)
 
 
@@ -292,7 +293,12 @@ def _decode_op(ds, split: FileImages, train: bool, augment: Augment, rows_per_ta
         kw = dict(reader=split.reader, rows_out=rows_per_task, shuffle=train)
         read_args = {**args, "num_cpus": args["num_cpus"] / 4}
         ds = ds.map_batches(_read_row_groups, batch_size=1, fn_kwargs=kw, **read_args)
-        return ds.map_batches(_decode_encoded, batch_size=rows_per_task, fn_kwargs={"transform": transform}, **args)
+        ds = ds.map_batches(_decode_encoded, batch_size=rows_per_task, fn_kwargs={"transform": transform}, **args)
+        # Ray Data gathers what a task yields into blocks of up to 128 MB before it lets them go: a reader of one
+        # large row group would hold ~2,800 encoded ImageNet images (measured: its process grew with the file).
+        # Smaller blocks let each batch go as it is read (decoded blocks are cut to this size too).
+        ds.context.target_max_block_size = PARQUET_BLOCK_BYTES  # this dataset's own context copy
+        return ds
     kw = dict(storage=split.storage, transform=transform)
     return ds.map_batches(_decode_files, batch_size=rows_per_task, fn_kwargs=kw, **args)
 

@@ -57,12 +57,6 @@ class LatencySettings:
     mode: str = "compiled"
     predict: bool = False
 
-    @property
-    def name(self) -> str:
-        """What the search's latencies are: ``predicted`` (parts, then whole programs checked), ``compiled`` or
-        ``eager``."""
-        return "predicted" if self.predict else self.mode
-
 
 class LatencySource(Protocol):
     """What the functions here need of a search's shared context."""
