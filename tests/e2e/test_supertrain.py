@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,8 +38,8 @@ def test_resume_after_the_driver_is_killed_then_a_worker_is_killed(ray_session, 
         while time.time() < deadline and proc.poll() is None:
             if state_file.exists():  # written by the driver once its MLflow run exists
                 run_id = json.loads(state_file.read_text())["mlflow_run_id"]
-                # Shown on the console: logged to MLflow (by the controller, just before).
-                if "epoch 1/3" in log_text():
+                # The epoch's line (not its progress bar, "  epoch 1/3 [###..."), shown once logged to MLflow.
+                if re.search(r"^epoch 1/3  ", log_text(), re.MULTILINE):
                     break
             time.sleep(0.5)
         assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
