@@ -1,6 +1,7 @@
 """Bad input to either command: one line on stderr, exit status 2, nothing written, and no Ray started."""
 
 import os
+import socket
 
 import mlflow
 import pytest
@@ -88,3 +89,37 @@ def test_search_store_without_a_supertraining_run(tmp_path, mlflow_uri, capsys):
     assert "no finished supertraining run in the MLflow store" in one_line_error(
         search.main, ["--budget", "0.5x", "--mlflow-uri", mlflow_uri, "--storage", str(tmp_path / "ray")], capsys
     )
+
+
+def test_serve_bad_inputs(tmp_path, mlflow_uri, capsys):
+    from pipeline.common.runs import STAGE_TAG
+    from pipeline.serve import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = str(s.getsockname()[1])
+    base = ["--mlflow-uri", mlflow_uri, "--port", free]
+    assert "does not exist: run `python -m pipeline.supertrain` and `python -m pipeline.search` first" in (
+        one_line_error(main, base, capsys)
+    )
+    client = mlflow.MlflowClient(mlflow_uri)
+    exp = client.create_experiment("supervit-search")
+    capsys.readouterr()
+    assert "no finished search run in the MLflow store" in one_line_error(main, base, capsys)
+    # A finished search that logged no front (stopped before its answers, or of another version).
+    run = client.create_run(exp, tags={STAGE_TAG: "search"}).info.run_id
+    client.set_terminated(run, "FINISHED")
+    assert f"search run {run} has no Pareto front" in one_line_error(main, base, capsys)
+    assert f"no MLflow run 'f{'0' * 31}'" in one_line_error(main, [*base, "--search", "f" + "0" * 31], capsys)
+    other = client.create_run(exp, tags={STAGE_TAG: "supertrain"}).info.run_id
+    assert "is not a search" in one_line_error(main, [*base, "--search", other], capsys)
+    assert "--batch-sizes" in one_line_error(main, [*base, "--batch-sizes", "0"], capsys)
+    assert "--token-file" in one_line_error(main, [*base, "--token-file", str(tmp_path / "none")], capsys)
+    assert "invalid choice: 'fast'" in one_line_error(main, [*base, "--mode", "fast"], capsys)
+    with socket.socket() as s:  # a port in use
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = str(s.getsockname()[1])
+        assert f"cannot listen on 127.0.0.1:{taken}" in one_line_error(
+            main, ["--mlflow-uri", mlflow_uri, "--port", taken], capsys
+        )

@@ -1,0 +1,191 @@
+"""Serving: one supernet on Ray Serve, the subnet chosen per request and per load.
+
+    python -m pipeline.serve                                  # the newest finished search in the MLflow store
+    python -m pipeline.serve --search <run id> --slo-ms 50 --port 8080
+    curl --data-binary @cat.jpg 'http://127.0.0.1:8000/predict?budget=0.5x'
+
+The ladder is the search's Pareto front (and every budget's answer): each rung a program for the replica's device
+with its latency per batch size and its held-out top-1. A request with ``budget`` or ``max_latency_ms`` runs the
+most accurate rung within it; any other follows the SLO: per batch, the most accurate rung that meets it for the
+batch's oldest request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervit import gflops
+
+from ..common.cli import UsageError, parse_options, quiet_libraries
+from ..common.latency_table import LatencyTable, arch_key
+from ..common.runs import STAGE_TAG, finish_mlflow_run, init_ray, open_mlflow_run, resolve_tracking_uri
+from ..search.latency import LatencySettings
+from .ladder import LadderSource, load_ladder_source
+from .options import ServeOptions
+from .replica import LadderReplica, ReplicaSpec
+
+__all__ = ["Server", "plan_serving", "start", "main"]
+
+APP = "supervit"
+
+
+@dataclass
+class Server:
+    """A running deployment: where it listens, the ladder as its first replica measured it, its MLflow run."""
+
+    url: str
+    ladder: list[dict]
+    run_id: str
+    tracking_uri: str
+    source: LadderSource
+    _table: object
+    _workdir: tempfile.TemporaryDirectory
+
+    def stop(self) -> None:
+        """Delete the application, stop Serve, mark the serving run finished."""
+        from ray import serve
+
+        serve.shutdown()
+        finish_mlflow_run(self.tracking_uri, self.run_id, f"served {len(self.ladder)} subnets at {self.url}")
+        self._workdir.cleanup()
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def plan_serving(opts: ServeOptions, tracking_uri: str, workdir: Path) -> tuple[LadderSource, ReplicaSpec, Path]:
+    """Validate everything and read the ladder from the store; bad input raises before Ray starts."""
+    import torch
+
+    opts.check()
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available here")
+    _check_port(opts.host, opts.port)
+    source = load_ladder_source(tracking_uri, opts.search, workdir, opts.max_rungs)
+    model, params = source.model, source.search_params
+    table = opts.latency_table or params.get("latency_table")
+    table_path = Path(table if table and table != "None" else "latency_table.parquet").resolve()
+    LatencyTable(table_path)  # a damaged table is bad input
+    latency = LatencySettings(
+        opts.device,
+        opts.dtype,
+        1,
+        opts.latency_runs,
+        opts.replica_cpus if opts.device == "cpu" else None,
+        None,
+        opts.mode,
+    )
+    spec = ReplicaSpec(
+        arch=model.arch.to_dict(),
+        num_classes=model.num_classes,
+        state={k: v.cpu() for k, v in model.state_dict().items()},
+        arch_key=arch_key(model.arch, model.num_classes),
+        rungs=tuple((r["subnet"], r["gflops"], r["top1"]) for r in source.rungs),
+        batch_sizes=opts.parsed_batch_sizes(),
+        latency=latency,
+        slo_ms=opts.slo_ms,
+        batch_wait_s=opts.batch_wait_ms / 1e3,
+        max_request_bytes=int(opts.max_request_mb * 1e6),
+        token=opts.token(),
+        full_gflops=gflops(model.arch, None, model.num_classes),
+    )
+    return source, spec, table_path
+
+
+def _deployment(opts: ServeOptions, spec: ReplicaSpec):
+    from ray import serve
+
+    scaling = (
+        {
+            "autoscaling_config": {
+                "min_replicas": opts.min_replicas,
+                "max_replicas": opts.max_replicas,
+                "target_ongoing_requests": 2 * max(spec.batch_sizes),
+            }
+        }
+        if opts.max_replicas > opts.min_replicas
+        else {"num_replicas": opts.min_replicas}
+    )
+    actor = {"num_cpus": opts.replica_cpus} | ({"num_gpus": 1} if opts.device == "cuda" else {})
+    return serve.deployment(
+        LadderReplica,
+        name="ladder",
+        ray_actor_options=actor,
+        # Enough queued requests per replica to fill several batches: the policy needs the queue to see a burst.
+        max_ongoing_requests=8 * max(spec.batch_sizes),
+        **scaling,
+    )
+
+
+def start(opts: ServeOptions, verbose: bool = False) -> Server:
+    """Read the ladder, start Serve on Ray, wait until the replicas have built their programs, log the run."""
+    import mlflow
+    import ray
+    from ray import serve
+
+    tracking_uri = resolve_tracking_uri(opts.mlflow_uri)
+    workdir = tempfile.TemporaryDirectory(prefix="supervit-serve-")
+    try:
+        source, spec, table_path = plan_serving(opts, tracking_uri, Path(workdir.name))
+    except BaseException:
+        workdir.cleanup()
+        raise
+    init_ray(opts.address, verbose=verbose)
+    table = ray.remote(LatencyTable).options(num_cpus=0).remote(table_path)
+    # One HTTP entry point, on the head node (the driver's): `--host 0.0.0.0` opens it to the network.
+    serve.start(proxy_location="HeadOnly", http_options={"host": opts.host, "port": opts.port})
+    handle = serve.run(_deployment(opts, spec).bind(spec, table), name=APP, route_prefix="/")
+    measured = handle.describe.remote().result()
+    by_name = {r["subnet"]: r for r in source.rungs}
+    ladder = sorted(({**by_name[m["subnet"]], **m} for m in measured), key=lambda r: r["gflops"])
+    url = f"http://{opts.host}:{opts.port}"
+    arch = source.model.arch
+    tags = {STAGE_TAG: "serve", "preset": arch.name, "search_run_id": source.search_run_id}
+    params = {k: v for k, v in dataclasses.asdict(opts).items()} | {"url": url, "rungs": len(ladder)}
+    run_id = open_mlflow_run(tracking_uri, opts.experiment, f"serve-{source.search_run_id[:8]}", None, tags, params)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_dict({"url": url, "slo_ms": opts.slo_ms, "mode": opts.mode, "subnets": ladder}, "ladder.json")
+        if opts.log_model:
+            from .pyfunc import log_ladder_model
+
+            log_ladder_model(
+                ladder,
+                source.checkpoint,
+                arch,
+                source.model.num_classes,
+                f"supervit-{arch.name}-ladder",
+                Path(workdir.name),
+            )
+    return Server(url, ladder, run_id, tracking_uri, source, table, workdir)
+
+
+def _describe(server: Server) -> str:
+    rungs = ", ".join(f"{r['subnet']} ({r['gflops']:.3g} GFLOPs, {r['top1']:.1f} %)" for r in server.ladder)
+    return f"serving {server.url} (POST /predict, GET /subnets): {rungs}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry: serve until Ctrl-C."""
+    opts, verbose = parse_options(ServeOptions, argv, "python -m pipeline.serve", __doc__.split("\n\n")[0])
+    quiet_libraries(verbose)
+    server = start(opts, verbose)
+    print(_describe(server), flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        server.stop()

@@ -1,0 +1,200 @@
+"""`pipeline.serve` on real Ray Serve: a real search's ladder over HTTP on 127.0.0.1, answering like the library,
+following budgets and load, refusing bad input and still serving; the ladder as one MLflow pyfunc model."""
+
+import concurrent.futures
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from helpers import encode, photo_crop, search_opts
+from pipeline.search import search
+from pipeline.serve import ServeOptions, start
+from pipeline.serve.policy import RequestBudget, Rung, within_budget
+from supervit import SubnetConfig, SubnetSampler, SuperViT, get_arch, load_checkpoint, save_checkpoint, supertrain_step
+from supervit.data import digits
+from supervit.data.transforms import load_image
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TOKEN = "t0ken-for-tests"
+SLO_MS = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _digits_checkpoint(path):
+    """`tiny` after three epochs of the sandwich recipe on digits (~10 s): its subnets differ in accuracy (about
+    15-30 % top-1), so the search's front has several rungs."""
+    torch.manual_seed(0)
+    arch = get_arch("tiny")
+    data = digits(arch)
+    model = SuperViT(arch, num_classes=data.num_classes, pos_embed_init="sincos")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    sampler = SubnetSampler(arch, "sandwich", schedules=True)
+    for _ in range(3):
+        for x, y in torch.utils.data.DataLoader(data.train, batch_size=32, shuffle=True):
+            supertrain_step(model, x, y, sampler.sample(), opt, clip_grad=1.0)
+    return save_checkpoint(path, model, extra={"data": "digits", "preset": "tiny"})
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, tmp_path_factory):
+    """A real search of a briefly trained `tiny` supernet (two budgets: small subnets' and the full model's),
+    served eager with a bearer token; stopped at the end of the module."""
+    tmp = tmp_path_factory.mktemp("serve")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    ckpt = _digits_checkpoint(tmp / "tiny.safetensors")
+    res = search(search_opts(tmp, uri, ckpt, budgets=["0.3x", "1x"], trials=9, address=ray_session))
+    (tmp / "token").write_text(TOKEN + "\n")
+    opts = ServeOptions(
+        port=_free_port(),
+        mlflow_uri=uri,
+        mode="eager",
+        batch_sizes="1,8",
+        latency_runs=5,
+        slo_ms=SLO_MS,
+        max_request_mb=0.05,
+        token_file=str(tmp / "token"),
+        address=ray_session,
+        latency_table=str(tmp / "lat.parquet"),
+    )
+    server = start(opts)
+    yield server, res, ckpt, uri
+    server.stop()
+
+
+def _request(url: str, body: bytes | None = None, token: str | None = TOKEN) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _image(i: int, fmt: str = "jpeg_rgb") -> bytes:
+    return encode(photo_crop(i % 10, np.random.default_rng(i)), fmt)
+
+
+def _ladder(server) -> list[Rung]:
+    status, got = _request(f"{server.url}/subnets")
+    assert status == 200
+    return [
+        Rung(r["subnet"], r["gflops"], r["top1"], {int(b): v for b, v in r["latency_ms"].items()})
+        for r in got["subnets"]
+    ]
+
+
+def test_the_ladder_is_the_searchs_front_and_answers(served):
+    server, res, _, _ = served
+    ladder = _ladder(server)
+    names = {r.subnet for r in ladder}
+    assert len(ladder) >= 2
+    assert {c["subnet"] for c in res.chosen} <= names  # every budget's answer is served
+    front = {r["subnet"] for r in res.trials if r["pareto"]}
+    assert names - {c["subnet"] for c in res.chosen} <= front
+    for r in ladder:
+        assert set(r.latency_ms) == {1, 8} and all(v > 0 for v in r.latency_ms.values())
+    # The serving run holds the ladder as measured.
+    client = mlflow.MlflowClient(server.tracking_uri)
+    run = client.get_run(server.run_id)
+    assert run.data.tags["search_run_id"] == res.parent_run_id
+    assert run.data.tags["supervit.stage"] == "serve"
+
+
+def test_predictions_equal_the_librarys_forward_of_the_rung_a_budget_picks(served):
+    server, _, ckpt, _ = served
+    model = load_checkpoint(ckpt).eval()
+    ladder = _ladder(server)
+    for i, rung in enumerate(sorted(ladder, key=lambda r: r.gflops)):
+        body = _image(i, ("jpeg_rgb", "png_rgba", "webp", "gif_palette")[i % 4])
+        status, got = _request(f"{server.url}/predict?budget={rung.gflops * 1000 * 1.0001:.6f}MFLOPs", body)
+        assert status == 200, got
+        expected_rung = within_budget(ladder, RequestBudget(gflops=rung.gflops * 1.0001))
+        assert got["subnet"] == expected_rung.subnet
+        x = load_image(body, model.arch.img_size, model.arch.in_chans, train=False)[None]
+        with torch.no_grad():
+            probs = model(x, SubnetConfig.parse(got["subnet"])).softmax(dim=1)[0]
+        top = probs.topk(5)
+        assert got["label"] == int(top.indices[0])
+        assert [c for c, _ in got["top5"]] == top.indices.tolist()
+        np.testing.assert_allclose([p for _, p in got["top5"]], top.values.numpy(), rtol=1e-4, atol=1e-5)
+        assert got["gflops"] == pytest.approx(expected_rung.gflops)
+        assert got["latency_ms"] > 0
+
+
+def test_a_burst_steps_down_the_ladder_and_quiet_brings_back_the_largest(served):
+    server, _, _, _ = served
+    ladder = _ladder(server)
+    best = max(ladder, key=lambda r: (r.top1, -r.latency(1), -r.gflops))
+    assert best.latency(1) < SLO_MS / 3  # quiet requests have room for it
+    body = _image(0)
+    quiet = [_request(f"{server.url}/predict", body)[1]["subnet"] for _ in range(5)]
+    assert quiet == [best.subnet] * 5
+    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+        burst = list(pool.map(lambda _: _request(f"{server.url}/predict", body), range(192)))
+    assert all(status == 200 for status, _ in burst)
+    stepped = [got["subnet"] for _, got in burst if got["subnet"] != best.subnet]
+    assert stepped, "under the burst every batch still ran the largest subnet"
+    assert max(got["batch"] for _, got in burst) > 1  # requests were batched
+    after = [_request(f"{server.url}/predict", body)[1]["subnet"] for _ in range(5)]
+    assert after == [best.subnet] * 5
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "status", "message"),
+    [
+        ("", b"not an image at all", 400, "not an image"),
+        ("", b"", 400, "empty"),
+        ("", b"\xff" * 60_000, 413, "over the limit"),
+        ("?budget=fast", None, 400, "cannot parse budget 'fast'"),
+        ("?budget=1MFLOPs", None, 400, "below the smallest subnet served"),
+        ("?budget=0.5x&max_latency_ms=3", None, 400, "not both"),
+        ("?max_latency_ms=-2", None, 400, "positive number"),
+    ],
+)
+def test_bad_input_is_refused_in_one_line_and_the_server_keeps_serving(served, query, body, status, message):
+    server, _, _, _ = served
+    got_status, got = _request(f"{server.url}/predict{query}", _image(1) if body is None else body)
+    assert got_status == status
+    assert set(got) == {"error"} and message in got["error"] and "\n" not in got["error"]
+    assert _request(f"{server.url}/predict", _image(2))[0] == 200
+
+
+def test_a_request_without_the_token_gets_401(served):
+    server, _, _, _ = served
+    assert _request(f"{server.url}/predict", _image(3), token=None)[0] == 401
+    assert _request(f"{server.url}/predict", _image(3), token="wrong")[0] == 401
+    assert _request(f"{server.url}/subnets", token=None)[0] == 401
+    assert _request(f"{server.url}/predict", _image(3))[0] == 200
+
+
+def test_the_ladder_is_one_pyfunc_model_that_picks_the_subnet_per_budget(served):
+    server, _, ckpt, uri = served
+    model = load_checkpoint(ckpt).eval()
+    ladder = _ladder(server)
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model("models:/supervit-tiny-ladder/latest")
+    arch = model.arch
+    x = torch.stack([load_image(_image(i), arch.img_size, arch.in_chans, train=False) for i in range(3)])
+    for rung in ladder:
+        out = loaded.predict(x.numpy(), params={"budget": f"{rung.gflops * 1e3 * 1.0001:.6f}MFLOPs"})
+        expected = within_budget(ladder, RequestBudget(gflops=rung.gflops * 1.0001))
+        assert list(out["subnet"]) == [expected.subnet] * 3
+        with torch.no_grad():
+            p, label = model(x, SubnetConfig.parse(expected.subnet)).softmax(dim=1).max(dim=1)
+        assert list(out["label"]) == label.tolist()
+        np.testing.assert_allclose(out["probability"], p.numpy(), rtol=1e-4, atol=1e-6)
+    best = max(ladder, key=lambda r: (r.top1, -r.gflops))
+    assert set(loaded.predict(x.numpy())["subnet"]) == {best.subnet}

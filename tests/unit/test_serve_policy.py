@@ -1,0 +1,133 @@
+"""The serving policy: SlackFit over the ladder, budgets per request, the query's bad input, the ladder's thinning."""
+
+import pytest
+
+from pipeline.common.cli import UsageError
+from pipeline.serve.ladder import thin
+from pipeline.serve.options import ServeOptions, token_matches
+from pipeline.serve.policy import BadRequest, RequestBudget, Rung, parse_request_budget, slack_fit, within_budget
+
+# Three rungs: faster is less accurate; latency grows with the batch, less than in proportion.
+SMALL = Rung("g4_k0.5", 0.1, 80.0, {1: 1.0, 8: 4.0})
+MID = Rung("g6_k0.7", 0.3, 90.0, {1: 2.0, 8: 10.0})
+LARGE = Rung("g8_k1", 0.6, 95.0, {1: 4.0, 8: 25.0})
+LADDER = [MID, LARGE, SMALL]  # any order
+
+
+def test_a_rung_pads_a_batch_up_to_its_programs_and_runs_larger_ones_in_several_calls():
+    assert LARGE.batch_for(1) == 1 and LARGE.latency(1) == 4.0
+    assert LARGE.batch_for(3) == 8 and LARGE.latency(3) == 25.0
+    assert LARGE.batch_for(20) == 8 and LARGE.latency(20) == 75.0
+
+
+@pytest.mark.parametrize(
+    ("n", "slack", "expected"),
+    [
+        (1, 100.0, LARGE),  # quiet: the most accurate
+        (1, 4.0, LARGE),  # exactly fits
+        (1, 3.9, MID),
+        (8, 24.0, MID),  # a full batch with the same slack steps down
+        (8, 9.0, SMALL),
+        (8, 1.0, SMALL),  # nothing fits: the fastest
+        (8, -50.0, SMALL),  # already late: the fastest
+    ],
+)
+def test_slack_fit_takes_the_most_accurate_rung_that_fits_the_slack(n, slack, expected):
+    assert slack_fit(LADDER, n, slack) == expected
+
+
+def test_slack_fit_steps_down_as_the_queue_grows_and_back_up_as_it_drains():
+    slo = 30.0
+    # A burst: each batch of 8 waits behind the ones before it, so its slack shrinks.
+    picked, waited = [], 0.0
+    for _ in range(4):
+        rung = slack_fit(LADDER, 8, slo - waited)
+        picked.append(rung)
+        waited += rung.latency(8)
+    assert picked[0] == LARGE and picked[-1] == SMALL
+    assert [r.top1 for r in picked] == sorted((r.top1 for r in picked), reverse=True)
+    assert slack_fit(LADDER, 1, slo) == LARGE  # drained
+
+
+def test_ties_go_to_the_faster_rung():
+    twin = Rung("g8_k0.7", 0.5, 95.0, {1: 3.0, 8: 20.0})
+    assert slack_fit([LARGE, twin, SMALL], 1, 100.0) == twin
+
+
+def test_a_budget_takes_the_most_accurate_rung_within_it():
+    assert within_budget(LADDER, RequestBudget(gflops=0.35)) == MID
+    assert within_budget(LADDER, RequestBudget(gflops=10)) == LARGE
+    assert within_budget(LADDER, RequestBudget(latency_ms=2.5)) == MID
+    with pytest.raises(BadRequest, match="below the smallest subnet served, g4_k0.5 \\(0.1 GFLOPs\\)"):
+        within_budget(LADDER, RequestBudget(gflops=0.05))
+    with pytest.raises(BadRequest, match="below the fastest subnet served, g4_k0.5"):
+        within_budget(LADDER, RequestBudget(latency_ms=0.5))
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({}, None),
+        ({"budget": "0.5x"}, RequestBudget(gflops=0.3)),
+        ({"budget": "450MFLOPs"}, RequestBudget(gflops=0.45)),
+        ({"budget": "2.3GFLOPs"}, RequestBudget(gflops=2.3)),
+        ({"max_latency_ms": "3.5"}, RequestBudget(latency_ms=3.5)),
+    ],
+)
+def test_a_query_gives_a_request_budget(query, expected):
+    got = parse_request_budget(query, full_gflops=0.6)
+    if expected is None or expected.gflops is None:
+        assert got == expected
+    else:
+        assert got.latency_ms is None and got.gflops == pytest.approx(expected.gflops)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"budget": "fast"}, "cannot parse budget 'fast'"),
+        ({"budget": "-1x"}, "cannot parse budget"),
+        ({"max_latency_ms": "soon"}, "max_latency_ms must be a positive number"),
+        ({"max_latency_ms": "0"}, "max_latency_ms must be a positive number"),
+        ({"max_latency_ms": "inf"}, "max_latency_ms must be a positive number"),
+        ({"budget": "0.5x", "max_latency_ms": "3"}, "not both"),
+        ({"budgte": "0.5x"}, "unknown query parameter 'budgte'"),
+    ],
+)
+def test_a_bad_query_is_a_bad_request(query, message):
+    with pytest.raises(BadRequest, match=message) as e:
+        parse_request_budget(query, full_gflops=0.6)
+    assert e.value.status == 400
+
+
+def test_thinning_keeps_the_cheapest_and_the_most_accurate_spread_in_gflops():
+    rungs = [{"subnet": f"s{i}", "gflops": 0.1 * i, "top1": 50.0 + i} for i in range(1, 11)]
+    kept = thin(rungs, 4)
+    assert len(kept) == 4
+    assert kept[0]["subnet"] == "s1" and kept[-1]["subnet"] == "s10"
+    assert [r["gflops"] for r in kept] == sorted(r["gflops"] for r in kept)
+    assert thin(rungs, 20) == sorted(rungs, key=lambda r: r["gflops"])
+    assert [r["subnet"] for r in thin(rungs, 1)] == ["s10"]
+
+
+def test_bearer_tokens_are_checked_whole():
+    assert token_matches("Bearer s3cret", "s3cret")
+    assert token_matches("bearer s3cret", "s3cret")
+    assert not token_matches("Bearer s3cre", "s3cret")
+    assert not token_matches("Basic s3cret", "s3cret")
+    assert not token_matches(None, "s3cret")
+
+
+def test_serve_options_refuse_bad_batch_sizes_replicas_and_token_files(tmp_path):
+    assert ServeOptions(batch_sizes="8, 1,4").parsed_batch_sizes() == (1, 4, 8)
+    with pytest.raises(UsageError, match="--batch-sizes"):
+        ServeOptions(batch_sizes="1,x").check()
+    with pytest.raises(UsageError, match="--max-replicas 1 is below --min-replicas 2"):
+        ServeOptions(min_replicas=2).check()
+    with pytest.raises(UsageError, match="--token-file"):
+        ServeOptions(token_file=str(tmp_path / "missing")).check()
+    (tmp_path / "token").write_text("two words\n")
+    with pytest.raises(UsageError, match="one token"):
+        ServeOptions(token_file=str(tmp_path / "token")).check()
+    (tmp_path / "token").write_text("abc123\n")
+    assert ServeOptions(token_file=str(tmp_path / "token")).token() == "abc123"
