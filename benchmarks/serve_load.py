@@ -97,7 +97,10 @@ def _plot(rows: list[dict], slo_ms: float, path: Path) -> None:
         ax2.plot(x, [r["mean_top1"] for r in pts], marker="o", label=policy)
     ax1.set(xlabel="offered load (requests/s)", ylabel=f"SLO attainment (%), SLO {slo_ms:g} ms", xscale="log")
     ax2.set(xlabel="offered load (requests/s)", ylabel="mean held-out top-1 of the subnets served (%)", xscale="log")
+    rates = sorted({r["rate"] for r in rows})
     for ax in (ax1, ax2):
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -269,7 +269,10 @@ class CompiledSubnet:
         if self.cudagraphs:
             # Each call is a new step: the CUDA-graph runtime may reuse the previous call's output buffers.
             torch.compiler.cudagraph_mark_step_begin()
-        return self.fn(x)
+        # Compiled under inference mode: a call with autograd on would fail the program's guard on the grad mode
+        # and compile it again, slowly and without frozen weights.
+        with torch.inference_mode():
+            return self.fn(x)
 
 
 def compile_subnet(

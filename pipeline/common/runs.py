@@ -26,6 +26,7 @@ __all__ = [
     "RunState",
     "resolve_tracking_uri",
     "check_mlflow",
+    "newest_finished_run",
     "ui_command",
     "init_ray",
     "default_storage",
@@ -107,6 +108,17 @@ def _check_mlflow_login(uri: str, timeout: float) -> None:
             raise UsageError(f"MLflow server at {uri}: user {user!r} may not read experiments") from None
     except (urllib.error.URLError, OSError):
         pass  # reachable a moment ago (/health); let MLflow's client retry and report
+
+
+def newest_finished_run(tracking_uri: str, stage: str):
+    """The newest finished run of ``stage`` (``supertrain``, ``search``, ...) in the store, or None."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'"
+    runs = client.search_runs(exps, query, order_by=["attributes.end_time DESC"], max_results=1) if exps else []
+    return runs[0] if runs else None
 
 
 def ui_command(uri: str) -> str:

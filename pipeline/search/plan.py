@@ -16,7 +16,7 @@ from supervit.data import Splits
 
 from ..common.cli import UsageError
 from ..common.latency_table import LatencyTable
-from ..common.runs import STAGE_TAG, check_mlflow
+from ..common.runs import check_mlflow, newest_finished_run
 from .space import SearchSpace, default_space_path, load_space
 
 if TYPE_CHECKING:
@@ -55,18 +55,15 @@ def resolve_checkpoint(spec: str | None, tracking_uri: str, workdir: Path) -> tu
             f"the MLflow store {tracking_uri} does not exist: run `python -m pipeline.supertrain` "
             "first, or pass --checkpoint FILE or --mlflow-uri"
         )
-    client = mlflow.MlflowClient(tracking_uri)
     path = "checkpoint/model.safetensors"
     if spec is None:
-        exps = [e.experiment_id for e in client.search_experiments()]
-        query = f"tags.`{STAGE_TAG}` = 'supertrain' and attributes.status = 'FINISHED'"
-        runs = client.search_runs(exps, query, order_by=["attributes.end_time DESC"], max_results=1) if exps else []
-        if not runs:
+        run = newest_finished_run(tracking_uri, "supertrain")
+        if run is None:
             raise UsageError(
                 f"no finished supertraining run in the MLflow store {tracking_uri}; run "
                 "`python -m pipeline.supertrain` first or pass --checkpoint"
             )
-        run_id = runs[0].info.run_id
+        run_id = run.info.run_id
     elif spec.startswith("runs:/"):
         run_id, _, given = spec[len("runs:/") :].partition("/")
         path = given or path

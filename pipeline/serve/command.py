@@ -13,9 +13,12 @@ batch's oldest request.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import signal
 import socket
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +145,8 @@ def start(opts: ServeOptions, verbose: bool = False) -> Server:
         workdir.cleanup()
         raise
     init_ray(opts.address, verbose=verbose)
+    if not verbose:  # Serve's own lines (started, deploying, ready) stay in its log files
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     table = ray.remote(LatencyTable).options(num_cpus=0).remote(table_path)
     # One HTTP entry point, on the head node (the driver's): `--host 0.0.0.0` opens it to the network.
     serve.start(proxy_location="HeadOnly", http_options={"host": opts.host, "port": opts.port})
@@ -158,7 +163,9 @@ def start(opts: ServeOptions, verbose: bool = False) -> Server:
     with mlflow.start_run(run_id=run_id):
         mlflow.log_dict({"url": url, "slo_ms": opts.slo_ms, "mode": opts.mode, "subnets": ladder}, "ladder.json")
         if opts.log_model:
-            from .pyfunc import log_ladder_model
+            with warnings.catch_warnings():  # MLflow asks for type hints on predict (its params are typed already)
+                warnings.simplefilter("ignore", UserWarning)
+                from .pyfunc import log_ladder_model
 
             log_ladder_model(
                 ladder,
@@ -182,6 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries(verbose)
     server = start(opts, verbose)
     print(_describe(server), flush=True)
+
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (`ray job stop`, a process manager) stops it as Ctrl-C does.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         while True:
             time.sleep(1)
@@ -189,3 +202,4 @@ def main(argv: list[str] | None = None) -> None:
         print("stopping", flush=True)
     finally:
         server.stop()
+        print("stopped", flush=True)

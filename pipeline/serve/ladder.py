@@ -16,7 +16,7 @@ from pathlib import Path
 from supervit import SubnetConfig, SuperViT, gflops
 
 from ..common.cli import UsageError
-from ..common.runs import STAGE_TAG, check_mlflow
+from ..common.runs import STAGE_TAG, check_mlflow, newest_finished_run
 
 __all__ = ["LadderSource", "find_search_run", "load_ladder_source", "thin"]
 
@@ -60,15 +60,13 @@ def find_search_run(tracking_uri: str, run_id: str | None):
         if run.info.status != "FINISHED":
             raise UsageError(f"search run {run_id} has not finished (status {run.info.status})")
         return run
-    exps = [e.experiment_id for e in client.search_experiments()]
-    query = f"tags.`{STAGE_TAG}` = 'search' and attributes.status = 'FINISHED'"
-    runs = client.search_runs(exps, query, order_by=["attributes.end_time DESC"], max_results=1) if exps else []
-    if not runs:
+    run = newest_finished_run(tracking_uri, "search")
+    if run is None:
         raise UsageError(
             f"no finished search run in the MLflow store {tracking_uri}: run `python -m pipeline.search "
             "--budget 0.5x` first, or pass --search RUN_ID"
         )
-    return runs[0]
+    return run
 
 
 def _front(rows: list[dict]) -> list[dict]:

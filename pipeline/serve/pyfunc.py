@@ -4,7 +4,10 @@ one set of weights for every rung. `mlflow models serve` serves it as it is."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -58,9 +61,6 @@ def log_ladder_model(
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    import pipeline
-    import supervit
-
     path = workdir / "ladder.json"
     path.write_text(json.dumps(ladder, indent=1))
     s = arch.img_size
@@ -81,6 +81,28 @@ def log_ladder_model(
         f"mlflow=={mlflow.__version__}",
         f"pandas=={pd.__version__}",
     ] + [f"{m}=={__import__(m).__version__}" for m in ("timm", "safetensors")]
+    # MLflow warns that a python_model object is pickled and that no input example was given: both are meant (the
+    # class is this module's, and an example would run a forward at logging time).
+    with warnings.catch_warnings(), _quiet("mlflow.pyfunc"):
+        warnings.simplefilter("ignore", UserWarning)
+        return _log(path, checkpoint, signature, requirements, registered_model)
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _log(path: Path, checkpoint: Path, signature, requirements: list[str], registered_model: str):
+    import pipeline
+    import supervit
+
     return mlflow.pyfunc.log_model(
         name="ladder",
         python_model=LadderModel(),

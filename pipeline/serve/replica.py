@@ -119,6 +119,31 @@ class LadderReplica:
         self.largest = max(self.ladder, key=lambda r: (r.top1, -r.gflops))
         self.run_batch.set_max_batch_size(max(spec.batch_sizes))
         self.run_batch.set_batch_wait_timeout_s(spec.batch_wait_s)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One image through every program, in a thread as requests run: the first request pays nothing (the
+        transform's construction, a program's first call)."""
+        import io
+        import threading
+
+        from PIL import Image
+
+        from supervit.data.transforms import load_image
+
+        png = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(png, "PNG")
+        arch = self.model.arch
+        x = load_image(png.getvalue(), arch.img_size, arch.in_chans, train=False)
+
+        def run() -> None:
+            for rung in self.ladder:
+                for b in rung.latency_ms:
+                    self._forward(rung, x.expand(b, *x.shape))
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
 
     # ------------------------------------------------------------------------------------------ HTTP
 
@@ -227,10 +252,11 @@ class LadderReplica:
         """Class probabilities of ``x`` by ``rung``'s programs (a batch padded up to a program's size)."""
         n, out = len(x), []
         b = rung.batch_for(n)
-        x = x.to(self.device, self.dtype)
         for start in range(0, n, b):
             chunk = x[start : start + b]
-            if len(chunk) < b:
-                chunk = torch.cat([chunk, chunk.new_zeros((b - len(chunk), *chunk.shape[1:]))])
-            out.append(self.programs[(rung.subnet, b)](chunk).float()[: min(b, n - start)])
+            # A fresh buffer of the program's shape: padding, and the strides the program was compiled for (a
+            # size-1 dimension of a transformed image can carry any stride, and a compiled program guards on it).
+            buf = torch.zeros((b, *x.shape[1:]), device=self.device, dtype=self.dtype)
+            buf[: len(chunk)] = chunk
+            out.append(self.programs[(rung.subnet, b)](buf).float()[: len(chunk)])
         return torch.cat(out).softmax(dim=1).cpu()

@@ -133,4 +133,6 @@ def test_each_command_is_a_package_with_its_options_below_its_rooms(command):
     # The shared floor imports no command.
     for m, deps in graph.items():
         if m.startswith("pipeline.common"):
-            assert not {d for d in deps if d.startswith(("pipeline.supertrain", "pipeline.search", "pipeline.serve"))}, m
+            assert not {
+                d for d in deps if d.startswith(("pipeline.supertrain", "pipeline.search", "pipeline.serve"))
+            }, m
