@@ -110,6 +110,8 @@ def _plot(rows: list[dict], slo_ms: float, path: Path) -> None:
 def main() -> None:
     from pipeline.common.cli import quiet_libraries
     from pipeline.serve import ServeOptions, start
+    from pipeline.serve.policy import Rung
+    from pipeline.serve.policy import best as policy_best
 
     quiet_libraries(False)
 
@@ -143,7 +145,9 @@ def main() -> None:
     try:
         ladder = server.ladder
         top1 = {r["subnet"]: r["top1"] for r in ladder}
-        best = max(ladder, key=lambda r: (r["top1"], -r["gflops"]))
+        # The rung the server's own ranking puts first (top-1, then faster, then cheaper).
+        top = policy_best([Rung(r["subnet"], r["gflops"], r["top1"], r["latency_ms"]) for r in ladder])
+        best = next(r for r in ladder if r["subnet"] == top.subnet)
         small = min(ladder, key=lambda r: r["gflops"])
         arch = server.source.model.arch
         body = _image(arch.in_chans, arch.img_size)

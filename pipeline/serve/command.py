@@ -59,12 +59,14 @@ class Server:
 
 
 def _check_port(host: str, port: int) -> None:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    """Bad input now rather than a proxy that never binds: the address must resolve and the port be free."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def plan_serving(opts: ServeOptions, tracking_uri: str, workdir: Path) -> tuple[LadderSource, ReplicaSpec, Path]:
@@ -147,11 +149,24 @@ def start(opts: ServeOptions, verbose: bool = False) -> Server:
     init_ray(opts.address, verbose=verbose)
     if not verbose:  # Serve's own lines (started, deploying, ready) stay in its log files
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    # A replica Ray cannot place would leave Serve waiting for it forever.
+    have = ray.cluster_resources()
+    if have.get("CPU", 0) < opts.replica_cpus or (opts.device == "cuda" and have.get("GPU", 0) < 1):
+        workdir.cleanup()
+        need = f"{opts.replica_cpus} CPUs" + (" and a GPU" if opts.device == "cuda" else "")
+        raise UsageError(
+            f"a replica needs {need}; the Ray cluster has {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs"
+        )
     table = ray.remote(LatencyTable).options(num_cpus=0).remote(table_path)
-    # One HTTP entry point, on the head node (the driver's): `--host 0.0.0.0` opens it to the network.
-    serve.start(proxy_location="HeadOnly", http_options={"host": opts.host, "port": opts.port})
-    handle = serve.run(_deployment(opts, spec).bind(spec, table), name=APP, route_prefix="/")
-    measured = handle.describe.remote().result()
+    try:
+        # One HTTP entry point, on the head node (the driver's): `--host 0.0.0.0` opens it to the network.
+        serve.start(proxy_location="HeadOnly", http_options={"host": opts.host, "port": opts.port})
+        handle = serve.run(_deployment(opts, spec).bind(spec, table), name=APP, route_prefix="/")
+        measured = handle.describe.remote().result()
+    except BaseException:
+        serve.shutdown()  # nothing half-started is left serving
+        workdir.cleanup()
+        raise
     by_name = {r["subnet"]: r for r in source.rungs}
     ladder = sorted(({**by_name[m["subnet"]], **m} for m in measured), key=lambda r: r["gflops"])
     url = f"http://{opts.host}:{opts.port}"

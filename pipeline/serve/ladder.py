@@ -9,7 +9,6 @@ Latency per serving batch size is measured on the replica (`pipeline.serve.repli
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,20 +84,23 @@ def _front(rows: list[dict]) -> list[dict]:
 
 
 def thin(rungs: list[dict], most: int) -> list[dict]:
-    """At most ``most`` rungs, evenly spread in GFLOPs; the cheapest and the most accurate are always kept."""
+    """At most ``most`` rungs (more only when more budgets' answers must stay), spread evenly in GFLOPs between the
+    cheapest and the dearest; every budget's answer (``budget`` set), the cheapest and the most accurate stay."""
     rungs = sorted(rungs, key=lambda r: r["gflops"])
     if len(rungs) <= most:
         return rungs
-    best = max(rungs, key=lambda r: (r["top1"], -r["gflops"]))
-    if most == 1:
-        return [best]
-    keep = {0, rungs.index(best)}
+    best = max(range(len(rungs)), key=lambda i: (rungs[i]["top1"], -rungs[i]["gflops"]))
+    keep = {i for i, r in enumerate(rungs) if r.get("budget")} | {best}
+    if most > 1:
+        keep.add(0)
     lo, hi = rungs[0]["gflops"], rungs[-1]["gflops"]
     for k in range(most):
         if len(keep) >= most:
             break
-        target = lo + (hi - lo) * k / (most - 1)
-        keep.add(min((i for i in range(len(rungs)) if i not in keep), key=lambda i: abs(rungs[i]["gflops"] - target)))
+        target = lo + (hi - lo) * k / max(1, most - 1)
+        nearest = min(range(len(rungs)), key=lambda i: abs(rungs[i]["gflops"] - target))
+        if nearest not in keep:
+            keep.add(nearest)
     return [rungs[i] for i in sorted(keep)]
 
 
@@ -151,7 +153,7 @@ def load_ladder_source(tracking_uri: str, run_id: str | None, workdir: Path, max
                 "gflops": gflops(arch, subnet, n),
                 "top1": float(r["top1"]),
                 "search_latency_ms": float(r["latency_ms"]),
-                "test_top1": float(answer.get("test_top1", math.nan)),
+                "test_top1": answer.get("test_top1"),  # None where the subnet answers no budget
                 "budget": answer.get("budget", ""),
             }
         )

@@ -75,16 +75,19 @@ class ServeOptions:
             return None
         try:
             token = Path(self.token_file).read_text().strip()
-        except OSError as e:
-            raise UsageError(f"--token-file {self.token_file}: {e.strerror or e}") from None
-        if not token or not token.isprintable() or " " in token:
-            raise UsageError(f"--token-file {self.token_file} must hold one token (printable, no spaces)")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--token-file {self.token_file}: {getattr(e, 'strerror', None) or e}") from None
+        # ASCII only: HTTP headers arrive as latin-1, and a token that does not survive that could never match.
+        if not token or not token.isascii() or not token.isprintable() or " " in token:
+            raise UsageError(f"--token-file {self.token_file} must hold one token (printable ASCII, no spaces)")
         return token
 
     def check(self) -> None:
         """Cross-field checks (each field's own bounds are checked by the parser)."""
         self.parsed_batch_sizes()
         self.token()
+        if self.port > 65535:
+            raise UsageError(f"--port must be at most 65535, got {self.port}")
         if self.max_replicas < self.min_replicas:
             raise UsageError(f"--max-replicas {self.max_replicas} is below --min-replicas {self.min_replicas}")
 

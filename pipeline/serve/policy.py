@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from supervit.flops import Budget
 
-__all__ = ["Rung", "BadRequest", "RequestBudget", "slack_fit", "within_budget", "parse_request_budget"]
+__all__ = ["Rung", "BadRequest", "RequestBudget", "best", "slack_fit", "within_budget", "parse_request_budget"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class RequestBudget:
     latency_ms: float | None = None
 
 
-def _best(rungs: Sequence[Rung], n: int) -> Rung:
+def best(rungs: Sequence[Rung], n: int = 1) -> Rung:
     """The most accurate rung; ties go to the faster at ``n``, then the cheaper."""
     return max(rungs, key=lambda r: (r.top1, -r.latency(n), -r.gflops))
 
@@ -68,7 +68,7 @@ def slack_fit(ladder: Sequence[Rung], n: int, slack_ms: float) -> Rung:
         raise ValueError("the ladder is empty")
     fits = [r for r in ladder if r.latency(n) <= slack_ms]
     if fits:
-        return _best(fits, n)
+        return best(fits, n)
     return min(ladder, key=lambda r: (r.latency(n), r.gflops))
 
 
@@ -86,7 +86,7 @@ def within_budget(ladder: Sequence[Rung], budget: RequestBudget) -> Rung:
                 f"budget {budget.gflops:.4g} GFLOPs is below the smallest subnet served, {low.subnet} "
                 f"({low.gflops:.4g} GFLOPs)"
             )
-        return _best(fits, 1)
+        return best(fits, 1)
     assert budget.latency_ms is not None
     fits = [r for r in ladder if r.latency(1) <= budget.latency_ms]
     if not fits:
@@ -95,7 +95,7 @@ def within_budget(ladder: Sequence[Rung], budget: RequestBudget) -> Rung:
             f"max_latency_ms {budget.latency_ms:g} is below the fastest subnet served, {low.subnet} "
             f"({low.latency(1):.3g} ms)"
         )
-    return _best(fits, 1)
+    return best(fits, 1)
 
 
 def parse_request_budget(query: Mapping[str, str], full_gflops: float) -> RequestBudget | None:

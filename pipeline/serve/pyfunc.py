@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from .policy import Rung, parse_request_budget, within_budget
+from .policy import Rung, best, parse_request_budget, within_budget
 
 __all__ = ["LadderModel", "log_ladder_model"]
 
@@ -41,7 +41,7 @@ class LadderModel(mlflow.pyfunc.PythonModel):
 
         query = {k: str(v) for k, v in (params or {}).items() if v not in (None, "", 0, 0.0)}
         budget = parse_request_budget(query, self.full_gflops)  # BadRequest is a ValueError: MLflow answers 400
-        rung = within_budget(self.ladder, budget) if budget else max(self.ladder, key=lambda r: (r.top1, -r.gflops))
+        rung = within_budget(self.ladder, budget) if budget else best(self.ladder)
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.inference_mode():
             probs = self.model(x, SubnetConfig.parse(rung.subnet)).softmax(dim=1)

@@ -26,7 +26,7 @@ from ..search.latency import LatencySettings, whole_row
 from .options import token_matches
 from .policy import BadRequest, Rung, parse_request_budget, slack_fit, within_budget
 
-__all__ = ["ReplicaSpec", "LadderReplica", "build_ladder", "json_error"]
+__all__ = ["ReplicaSpec", "LadderReplica", "rung_program", "build_ladder", "json_error"]
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,25 @@ class _Latency:
         return self.supernet
 
 
+def rung_program(model: SuperViT, subnet: SubnetConfig, batch: int, mode: str, device, dtype):
+    """A rung's program at ``batch``: compiled as the latency measurement compiles it (in inference mode, so the
+    served batches, inference tensors, match its guards: a mismatch would compile it again, without frozen
+    weights), the measurement's own program when it ran here; or the eager `FixedSubnet`."""
+    from supervit import FixedSubnet, compiled_subnet
+
+    if mode != "compiled":
+        return FixedSubnet(model, subnet).to(device, dtype).eval()
+    with torch.inference_mode():
+        program, _ = compiled_subnet(model, subnet, device=device, dtype=dtype, batch_size=batch)
+    return program
+
+
 def build_ladder(spec: ReplicaSpec, model: SuperViT, table) -> tuple[list[Rung], dict]:
     """Every rung's program per batch size and its latency on this hardware (the table's, or measured and added).
 
     Returns:
         ``(ladder, programs)``: the rungs with their latencies, and ``programs[(subnet, batch)]`` callables.
     """
-    from supervit import FixedSubnet, compiled_subnet
-
     lat = spec.latency
     threads = lat.threads or torch.get_num_threads()
     device, dtype = torch.device(lat.device), getattr(torch, lat.dtype)
@@ -82,11 +93,7 @@ def build_ladder(spec: ReplicaSpec, model: SuperViT, table) -> tuple[list[Rung],
             ctx = _Latency(model.arch, spec.num_classes, spec.arch_key, table, dataclasses.replace(lat, batch=b), model)
             row, _ = whole_row(ctx, subnet, threads)
             ms[b] = float(row["median_ms"])
-            if lat.mode == "compiled":
-                # The program the measurement compiled (or the compile cache's, when the table had the row).
-                programs[(name, b)], _ = compiled_subnet(model, subnet, device=device, dtype=dtype, batch_size=b)
-            else:
-                programs[(name, b)] = FixedSubnet(model, subnet).to(device, dtype).eval()
+            programs[(name, b)] = rung_program(model, subnet, b, lat.mode, device, dtype)
         ladder.append(Rung(name, gf, top1, ms))
     return ladder, programs
 
@@ -116,7 +123,6 @@ class LadderReplica:
         compiled_cache_size(max(8, len(spec.rungs) * len(spec.batch_sizes)))
         self.ladder, self.programs = build_ladder(spec, self.model, table)
         self.by_name = {r.subnet: r for r in self.ladder}
-        self.largest = max(self.ladder, key=lambda r: (r.top1, -r.gflops))
         self.run_batch.set_max_batch_size(max(spec.batch_sizes))
         self.run_batch.set_batch_wait_timeout_s(spec.batch_wait_s)
         self._warm_up()
@@ -152,8 +158,8 @@ class LadderReplica:
         if self.spec.token is not None and not token_matches(request.headers.get("authorization"), self.spec.token):
             return json_error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
         path = request.url.path.rstrip("/") or "/"
-        if path == "/subnets" and request.method == "GET":
-            return self._subnets()
+        if path == "/subnets":
+            return self._subnets() if request.method == "GET" else json_error(405, "GET /subnets lists the ladder")
         if path != "/predict":
             return json_error(404, f"no {path}: POST /predict (an image as the body) or GET /subnets")
         if request.method != "POST":
@@ -187,7 +193,8 @@ class LadderReplica:
             raise BadRequest("the body is empty: POST an image's bytes (JPEG, PNG, WebP, GIF)")
         arch = self.model.arch
         try:
-            return load_image(bytes(body), arch.img_size, arch.in_chans, train=False)
+            # In a thread: a large image must not hold up the other requests' reads and the batch timer.
+            return await asyncio.to_thread(load_image, bytes(body), arch.img_size, arch.in_chans, False)
         except DataError as e:
             raise BadRequest(f"the body is not an image this server reads (JPEG, PNG, WebP, GIF): {e}") from None
 

@@ -135,16 +135,25 @@ def test_predictions_equal_the_librarys_forward_of_the_rung_a_budget_picks(serve
 
 
 def test_a_burst_steps_down_the_ladder_and_quiet_brings_back_the_largest(served):
-    server, _, _, _ = served
+    server, _, ckpt, _ = served
+    model = load_checkpoint(ckpt).eval()
     ladder = _ladder(server)
     best = max(ladder, key=lambda r: (r.top1, -r.latency(1), -r.gflops))
     assert best.latency(1) < SLO_MS / 3  # quiet requests have room for it
     body = _image(0)
     quiet = [_request(f"{server.url}/predict", body)[1]["subnet"] for _ in range(5)]
     assert quiet == [best.subnet] * 5
+    bodies = [_image(i) for i in range(16)]  # different images: each answer must be its own request's
     with concurrent.futures.ThreadPoolExecutor(48) as pool:
-        burst = list(pool.map(lambda _: _request(f"{server.url}/predict", body), range(192)))
+        burst = list(pool.map(lambda i: _request(f"{server.url}/predict", bodies[i % 16]), range(192)))
     assert all(status == 200 for status, _ in burst)
+    arch = model.arch
+    for i, (_, got) in enumerate(burst):
+        x = load_image(bodies[i % 16], arch.img_size, arch.in_chans, train=False)[None]
+        with torch.no_grad():
+            probs = model(x, SubnetConfig.parse(got["subnet"])).softmax(dim=1)[0]
+        np.testing.assert_allclose([p for _, p in got["top5"]], probs.topk(5).values.numpy(), rtol=1e-4, atol=1e-5)
+        assert got["label"] == int(probs.argmax())
     stepped = [got["subnet"] for _, got in burst if got["subnet"] != best.subnet]
     assert stepped, "under the burst every batch still ran the largest subnet"
     assert max(got["batch"] for _, got in burst) > 1  # requests were batched

@@ -49,6 +49,13 @@ def test_slack_fit_steps_down_as_the_queue_grows_and_back_up_as_it_drains():
     assert slack_fit(LADDER, 1, slo) == LARGE  # drained
 
 
+def test_when_nothing_fits_the_fastest_rung_runs_not_the_cheapest_nor_the_least_accurate():
+    # Fast at batch 8 (a program that batches well) but neither the cheapest nor the least accurate.
+    batcher = Rung("g6_k0.5", 0.2, 85.0, {1: 1.5, 8: 3.0})
+    assert slack_fit([SMALL, MID, LARGE, batcher], 8, 1.0) == batcher
+    assert slack_fit([SMALL, MID, LARGE, batcher], 1, 0.5) == SMALL  # at batch 1, SMALL is the fastest
+
+
 def test_ties_go_to_the_faster_rung():
     twin = Rung("g8_k0.7", 0.5, 95.0, {1: 3.0, 8: 20.0})
     assert slack_fit([LARGE, twin, SMALL], 1, 100.0) == twin
@@ -102,12 +109,13 @@ def test_a_bad_query_is_a_bad_request(query, message):
 
 def test_thinning_keeps_the_cheapest_and_the_most_accurate_spread_in_gflops():
     rungs = [{"subnet": f"s{i}", "gflops": 0.1 * i, "top1": 50.0 + i} for i in range(1, 11)]
-    kept = thin(rungs, 4)
-    assert len(kept) == 4
-    assert kept[0]["subnet"] == "s1" and kept[-1]["subnet"] == "s10"
-    assert [r["gflops"] for r in kept] == sorted(r["gflops"] for r in kept)
+    assert [r["subnet"] for r in thin(rungs, 4)] == ["s1", "s4", "s7", "s10"]  # evenly spread in GFLOPs
+    assert [r["subnet"] for r in thin(rungs, 3)] == ["s1", "s5", "s10"]
     assert thin(rungs, 20) == sorted(rungs, key=lambda r: r["gflops"])
-    assert [r["subnet"] for r in thin(rungs, 1)] == ["s10"]
+    assert [r["subnet"] for r in thin(rungs, 1)] == ["s10"]  # the most accurate
+    # A budget's answer stays whatever the spacing; the spread fills what is left.
+    answered = [r | {"budget": "0.2x"} if r["subnet"] == "s2" else r for r in rungs]
+    assert [r["subnet"] for r in thin(answered, 4)] == ["s1", "s2", "s4", "s10"]
 
 
 def test_bearer_tokens_are_checked_whole():
@@ -129,5 +137,13 @@ def test_serve_options_refuse_bad_batch_sizes_replicas_and_token_files(tmp_path)
     (tmp_path / "token").write_text("two words\n")
     with pytest.raises(UsageError, match="one token"):
         ServeOptions(token_file=str(tmp_path / "token")).check()
+    (tmp_path / "token").write_bytes(b"\xff\xfe")
+    with pytest.raises(UsageError, match="--token-file"):
+        ServeOptions(token_file=str(tmp_path / "token")).check()
+    (tmp_path / "token").write_text("t\u00f6ken\n")
+    with pytest.raises(UsageError, match="printable ASCII"):
+        ServeOptions(token_file=str(tmp_path / "token")).check()
+    with pytest.raises(UsageError, match="--port must be at most 65535"):
+        ServeOptions(port=70000).check()
     (tmp_path / "token").write_text("abc123\n")
     assert ServeOptions(token_file=str(tmp_path / "token")).token() == "abc123"
