@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import tempfile
@@ -28,6 +29,7 @@ from ..common.cli import UsageError, parse_options, quiet_libraries
 from ..common.latency_table import LatencyTable, arch_key
 from ..common.runs import STAGE_TAG, finish_mlflow_run, init_ray, open_mlflow_run, resolve_tracking_uri
 from ..search.latency import LatencySettings
+from .ingress import check_ingress, local_ingress, running_ingress, set_local_env
 from .ladder import LadderSource, load_ladder_source
 from .options import ServeOptions
 from .replica import LadderReplica, ReplicaSpec
@@ -43,10 +45,12 @@ class Server:
 
     url: str
     ladder: list[dict]
+    ingress: str
     run_id: str
     tracking_uri: str
     source: LadderSource
     _table: object
+    _weights: object  # the ObjectRef of the supernet's weights, alive while the driver serves: replicas may restart
     _workdir: tempfile.TemporaryDirectory
 
     def stop(self) -> None:
@@ -69,6 +73,12 @@ def _check_port(host: str, port: int) -> None:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def _starts_local_ray(opts: ServeOptions) -> bool:
+    import ray
+
+    return (opts.address or os.environ.get("RAY_ADDRESS") or "local") == "local" and not ray.is_initialized()
+
+
 def plan_serving(opts: ServeOptions, tracking_uri: str, workdir: Path) -> tuple[LadderSource, ReplicaSpec, Path]:
     """Validate everything and read the ladder from the store; bad input raises before Ray starts."""
     import torch
@@ -77,6 +87,8 @@ def plan_serving(opts: ServeOptions, tracking_uri: str, workdir: Path) -> tuple[
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: CUDA is not available here")
     _check_port(opts.host, opts.port)
+    if _starts_local_ray(opts):
+        local_ingress(opts.ingress)  # haproxy asked for and missing
     source = load_ladder_source(tracking_uri, opts.search, workdir, opts.max_rungs)
     model, params = source.model, source.search_params
     table = opts.latency_table or params.get("latency_table")
@@ -146,7 +158,15 @@ def start(opts: ServeOptions, verbose: bool = False) -> Server:
     except BaseException:
         workdir.cleanup()
         raise
+    if _starts_local_ray(opts):
+        set_local_env(local_ingress(opts.ingress))
     init_ray(opts.address, verbose=verbose)
+    try:
+        ingress = running_ingress()
+        check_ingress(opts.ingress, ingress)
+    except BaseException:
+        workdir.cleanup()
+        raise
     if not verbose:  # Serve's own lines (started, deploying, ready) stay in its log files
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     # A replica Ray cannot place would leave Serve waiting for it forever.
@@ -158,6 +178,9 @@ def start(opts: ServeOptions, verbose: bool = False) -> Server:
             f"a replica needs {need}; the Ray cluster has {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs"
         )
     table = ray.remote(LatencyTable).options(num_cpus=0).remote(table_path)
+    # The weights go to the object store once; each replica (a restart, one more under autoscaling) fetches them.
+    # Inside the init args they would be pickled into Serve's controller and copied into every replica's start.
+    spec = dataclasses.replace(spec, state=ray.put(spec.state))
     try:
         # One HTTP entry point, on the head node (the driver's): `--host 0.0.0.0` opens it to the network.
         serve.start(proxy_location="HeadOnly", http_options={"host": opts.host, "port": opts.port})
@@ -172,11 +195,13 @@ def start(opts: ServeOptions, verbose: bool = False) -> Server:
     url = f"http://{opts.host}:{opts.port}"
     arch = source.model.arch
     tags = {STAGE_TAG: "serve", "preset": arch.name, "search_run_id": source.search_run_id}
-    params = {k: v for k, v in dataclasses.asdict(opts).items()} | {"url": url, "rungs": len(ladder)}
+    params = dataclasses.asdict(opts) | {"url": url, "rungs": len(ladder), "ingress_used": ingress}
     run_id = open_mlflow_run(tracking_uri, opts.experiment, f"serve-{source.search_run_id[:8]}", None, tags, params)
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_dict({"url": url, "slo_ms": opts.slo_ms, "mode": opts.mode, "subnets": ladder}, "ladder.json")
+        mlflow.log_dict(
+            {"url": url, "ingress": ingress, "slo_ms": opts.slo_ms, "mode": opts.mode, "subnets": ladder}, "ladder.json"
+        )
         if opts.log_model:
             with warnings.catch_warnings():  # MLflow asks for type hints on predict (its params are typed already)
                 warnings.simplefilter("ignore", UserWarning)
@@ -190,12 +215,12 @@ def start(opts: ServeOptions, verbose: bool = False) -> Server:
                 f"supervit-{arch.name}-ladder",
                 Path(workdir.name),
             )
-    return Server(url, ladder, run_id, tracking_uri, source, table, workdir)
+    return Server(url, ladder, ingress, run_id, tracking_uri, source, table, spec.state, workdir)
 
 
 def _describe(server: Server) -> str:
     rungs = ", ".join(f"{r['subnet']} ({r['gflops']:.3g} GFLOPs, {r['top1']:.1f} %)" for r in server.ladder)
-    return f"serving {server.url} (POST /predict, GET /subnets): {rungs}"
+    return f"serving {server.url} through {server.ingress} (POST /predict, GET /subnets): {rungs}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,12 @@ class ServeOptions:
     batch_sizes: str = option(
         "1,8", help="batch sizes each rung is compiled and measured at; a batch holds at most the largest"
     )
-    batch_wait_ms: float = option(2.0, help="longest wait for a batch to fill before it runs", min=0.0)
+    batch_wait_ms: float = option(
+        0.0,
+        help="longest wait for a batch to fill before it runs (0: a batch takes what has queued while the one before "
+        "ran, so a lone request never waits)",
+        min=0.0,
+    )
     max_rungs: int = option(8, help="most subnets on the ladder (the front is thinned evenly in GFLOPs)", min=1)
     min_replicas: int = option(1, help="fewest replicas (autoscaling between --min-replicas and --max-replicas)", min=1)
     max_replicas: int = option(1, help="most replicas", min=1)
@@ -54,6 +59,12 @@ class ServeOptions:
     )
     log_model: bool = option(
         True, help="log the ladder to MLflow as one pyfunc model (`mlflow models serve` serves it)"
+    )
+    ingress: str = option(
+        "auto",
+        help="HTTP entry point: haproxy (Ray Serve's HAProxy ingress, straight to the replicas; needs the haproxy "
+        "binary), proxy (Serve's Python HTTP proxy), auto (haproxy where it is installed)",
+        choices=("auto", "haproxy", "proxy"),
     )
     address: str | None = option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     mlflow_uri: str | None = option(None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")

@@ -36,7 +36,7 @@ class ReplicaSpec:
 
     arch: dict
     num_classes: int
-    state: dict
+    state: Any  # the supernet's state dict, or an ObjectRef of it: in the object store once, not in every init args
     arch_key: str
     rungs: tuple  # (subnet, gflops, top1) per rung
     batch_sizes: tuple[int, ...]
@@ -117,7 +117,12 @@ class LadderReplica:
         self.spec = spec
         arch = ArchConfig.from_dict(spec.arch)
         model = SuperViT(arch, num_classes=spec.num_classes)
-        model.load_state_dict(spec.state)
+        if isinstance(spec.state, dict):
+            model.load_state_dict(spec.state)
+        else:
+            import ray
+
+            model.load_state_dict(ray.get(spec.state))
         self.device, self.dtype = torch.device(spec.latency.device), getattr(torch, spec.latency.dtype)
         self.model = model.to(self.device, self.dtype).eval()
         compiled_cache_size(max(8, len(spec.rungs) * len(spec.batch_sizes)))

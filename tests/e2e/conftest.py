@@ -25,6 +25,11 @@ def ray_cluster():
     # Keep up to 3 idle worker processes a node (default: its CPU count, 1 here) for the next decoding tasks
     # instead of starting new ones, each of which imports the decoding code again.
     os.environ.setdefault("RAY_num_workers_soft_limit", "3")
+    # Serve's entry point is fixed when its processes start: the one `pipeline.serve --ingress auto` would pick for
+    # a local Ray here (HAProxy where installed, as in CI).
+    from pipeline.serve.ingress import haproxy_binary, set_local_env
+
+    set_local_env("haproxy" if haproxy_binary() else "proxy")
     cluster = Cluster(
         initialize_head=True,
         # Ports of its own (Ray picks the rest): a parallel pytest worker may run its own cluster beside it.

@@ -15,6 +15,7 @@ import torch
 from helpers import encode, photo_crop, search_opts
 from pipeline.search import search
 from pipeline.serve import ServeOptions, start
+from pipeline.serve.ingress import haproxy_binary
 from pipeline.serve.policy import RequestBudget, Rung, within_budget
 from supervit import SubnetConfig, SubnetSampler, SuperViT, get_arch, load_checkpoint, save_checkpoint, supertrain_step
 from supervit.data import digits
@@ -111,6 +112,9 @@ def test_the_ladder_is_the_searchs_front_and_answers(served):
     run = client.get_run(server.run_id)
     assert run.data.tags["search_run_id"] == res.parent_run_id
     assert run.data.tags["supervit.stage"] == "serve"
+    # The entry point is the one the cluster was started with (HAProxy where installed), and the run says which.
+    assert server.ingress == ("haproxy" if haproxy_binary() else "proxy")
+    assert run.data.params["ingress_used"] == server.ingress
 
 
 def test_predictions_equal_the_librarys_forward_of_the_rung_a_budget_picks(served):
@@ -207,3 +211,32 @@ def test_the_ladder_is_one_pyfunc_model_that_picks_the_subnet_per_budget(served)
         np.testing.assert_allclose(out["probability"], p.numpy(), rtol=1e-4, atol=1e-6)
     best = max(ladder, key=lambda r: (r.top1, -r.gflops))
     assert set(loaded.predict(x.numpy())["subnet"]) == {best.subnet}
+
+
+def test_a_killed_replica_comes_back_with_the_weights_and_answers_the_same(served):
+    """Serve starts a new replica for one that dies: it takes the weights from the object store (the driver keeps
+    them there), builds the ladder again and answers as before. Runs last: the server is down meanwhile."""
+    import time
+
+    import ray
+
+    server, _, _, _ = served
+    body = _image(5)
+    before = _request(f"{server.url}/predict", body)[1]
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+    assert len(replicas) == 1
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    deadline, after = time.monotonic() + 180, None
+    while time.monotonic() < deadline:
+        try:
+            status, got = _request(f"{server.url}/predict", body)
+        except (OSError, ValueError):  # refused, reset or a non-JSON 503 while no replica listens
+            status, got = 0, {}
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_REPLICA" in a["name"]]
+        if status == 200 and names and names != [replicas[0]["name"]]:
+            after = got
+            break
+        time.sleep(0.5)
+    assert after is not None, "no new replica answered within 180 s"
+    assert (after["subnet"], after["label"]) == (before["subnet"], before["label"])
+    np.testing.assert_allclose([p for _, p in after["top5"]], [p for _, p in before["top5"]], rtol=1e-5)

@@ -91,7 +91,7 @@ def test_search_store_without_a_supertraining_run(tmp_path, mlflow_uri, capsys):
     )
 
 
-def test_serve_bad_inputs(tmp_path, mlflow_uri, capsys):
+def test_serve_bad_inputs(tmp_path, mlflow_uri, capsys, monkeypatch):
     from pipeline.common.runs import STAGE_TAG
     from pipeline.serve import main
 
@@ -123,3 +123,6 @@ def test_serve_bad_inputs(tmp_path, mlflow_uri, capsys):
         assert f"cannot listen on 127.0.0.1:{taken}" in one_line_error(
             main, ["--mlflow-uri", mlflow_uri, "--port", taken], capsys
         )
+    monkeypatch.setenv("PATH", str(tmp_path))  # no haproxy on it
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    assert "--ingress haproxy: no haproxy binary here" in one_line_error(main, [*base, "--ingress", "haproxy"], capsys)

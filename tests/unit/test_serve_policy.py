@@ -147,3 +147,67 @@ def test_serve_options_refuse_bad_batch_sizes_replicas_and_token_files(tmp_path)
         ServeOptions(port=70000).check()
     (tmp_path / "token").write_text("abc123\n")
     assert ServeOptions(token_file=str(tmp_path / "token")).token() == "abc123"
+
+
+# ---------------------------------------------------------------------------------------------- the entry point
+
+
+def _path_with(tmp_path, monkeypatch, haproxy: bool) -> None:
+    """PATH holding only a folder with (or without) an executable ``haproxy``."""
+    from pathlib import Path
+
+    bin_dir = Path(tmp_path) / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if haproxy:
+        (bin_dir / "haproxy").write_text("#!/bin/sh\n")
+        (bin_dir / "haproxy").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+
+
+@pytest.mark.parametrize(
+    ("requested", "installed", "expected"),
+    [("auto", True, "haproxy"), ("auto", False, "proxy"), ("haproxy", True, "haproxy"), ("proxy", True, "proxy")],
+)
+def test_a_local_ray_gets_haproxy_where_it_is_installed(tmp_path, monkeypatch, requested, installed, expected):
+    from pipeline.serve.ingress import local_ingress
+
+    _path_with(tmp_path, monkeypatch, installed)
+    assert local_ingress(requested) == expected
+
+
+def test_haproxy_asked_for_and_missing_is_bad_input(tmp_path, monkeypatch):
+    from pipeline.serve.ingress import local_ingress
+
+    _path_with(tmp_path, monkeypatch, False)
+    with pytest.raises(UsageError, match="no haproxy binary here"):
+        local_ingress("haproxy")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "missing"))  # named, not there
+    with pytest.raises(UsageError, match="no haproxy binary here"):
+        local_ingress("haproxy")
+
+
+def test_the_local_environment_names_the_entry_point_and_keeps_a_users_drain(monkeypatch):
+    import os
+
+    from pipeline.serve.ingress import HAPROXY_ENV, set_local_env
+
+    for name in (*HAPROXY_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        monkeypatch.delenv(name, raising=False)
+    set_local_env("haproxy")
+    assert all(os.environ[k] == v for k, v in HAPROXY_ENV.items())
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")
+    set_local_env("proxy")  # a user's exported HAProxy flags do not leak into a proxy deployment
+    assert all(os.environ[k] == "0" for k in HAPROXY_ENV)
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
+
+
+@pytest.mark.parametrize(("requested", "running"), [("haproxy", "proxy"), ("proxy", "haproxy")])
+def test_a_running_cluster_with_another_entry_point_is_refused(requested, running):
+    from pipeline.serve.ingress import check_ingress
+
+    check_ingress("auto", running)
+    check_ingress(running, running)
+    with pytest.raises(UsageError, match=f"--ingress {requested}: the running Ray cluster serves through {running}"):
+        check_ingress(requested, running)
