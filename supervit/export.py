@@ -392,18 +392,28 @@ def package_subnet(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     input_size: int | None = None,
+    batch_size: int | None = None,
+    options: dict | None = None,
 ) -> Path:
-    """Export one subnet (dynamic batch) and compile it ahead of time with AOTInductor into ``path``.
+    """Export one subnet and compile it ahead of time with AOTInductor into ``path``.
 
-    The package (``*.pt2``) loads with `load_package` in a process that has torch but compiles nothing.
+    ``batch_size`` None: any batch (a dynamic batch dimension); else that batch only (static shapes, as
+    `compile_subnet` compiles). ``options``: Inductor settings of the compile (e.g. ``{"freezing": True}``). The
+    package (``*.pt2``) loads with `load_package` in a process that has torch but compiles nothing.
     """
     device = torch.device(device)
     fixed = _fixed(model, subnet, input_size).to(device=device, dtype=dtype).eval()
-    program = export_subnet(fixed)
+    if batch_size is None:
+        program = export_subnet(fixed)
+    else:
+        with torch.no_grad():
+            program = torch.export.export(fixed, (fixed.example_input(batch_size),))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+        return Path(
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=options or {})
+        )
 
 
 def load_package(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -34,6 +34,7 @@ __all__ = [
     "LatencySource",
     "Latency",
     "whole_row",
+    "program_row",
     "measured_latency",
     "part_rows",
     "predicted_latency",
@@ -142,6 +143,32 @@ def whole_row(
         threads=threads if lat.device == "cpu" else None,
         mode=mode,
     )
+    row = _row(key, r, "subnet")
+    ray.get(ctx.table.put.remote(row))
+    return row, False
+
+
+def program_row(
+    ctx: LatencySource, subnet: SubnetConfig, threads: int, mode: str, program, compile_s: float = 0.0
+) -> tuple[dict, bool]:
+    """`whole_row` for a program built elsewhere (a loaded package): the table's row of ``mode``, or ``program``
+    timed here by the same protocol and added.
+
+    Returns:
+        ``(row, cached)``.
+    """
+    import ray
+
+    from supervit.latency import time_program
+
+    lat = ctx.latency
+    key = _key(ctx, subnet.name, threads, mode)
+    row = ray.get(ctx.table.get.remote(key))
+    if row is not None:
+        return row, True
+    shape = (lat.batch, ctx.arch.in_chans, ctx.arch.img_size, ctx.arch.img_size)
+    x = torch.randn(shape, device=lat.device, dtype=getattr(torch, lat.dtype))
+    r = time_program(program, x, max(3, lat.runs // 5), lat.runs, mode=mode, compile_s=compile_s)
     row = _row(key, r, "subnet")
     ray.get(ctx.table.put.remote(row))
     return row, False

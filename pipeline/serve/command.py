@@ -89,6 +89,14 @@ def plan_serving(opts: ServeOptions, tracking_uri: str, workdir: Path) -> tuple[
     _check_port(opts.host, opts.port)
     if _starts_local_ray(opts):
         local_ingress(opts.ingress)  # haproxy asked for and missing
+    if opts.mode == "packaged":
+        packages = Path(opts.packages)
+        try:
+            packages.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--packages {packages}: {e.strerror or e}") from None
+        if not os.access(packages, os.W_OK):
+            raise UsageError(f"--packages {packages}: not writable")
     source = load_ladder_source(tracking_uri, opts.search, workdir, opts.max_rungs)
     model, params = source.model, source.search_params
     table = opts.latency_table or params.get("latency_table")
@@ -116,6 +124,7 @@ def plan_serving(opts: ServeOptions, tracking_uri: str, workdir: Path) -> tuple[
         max_request_bytes=int(opts.max_request_mb * 1e6),
         token=opts.token(),
         full_gflops=gflops(model.arch, None, model.num_classes),
+        packages=str(Path(opts.packages).resolve()) if opts.mode == "packaged" else None,
     )
     return source, spec, table_path
 

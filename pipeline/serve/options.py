@@ -31,8 +31,13 @@ class ServeOptions:
     )
     mode: str = option(
         "compiled",
-        help="the rungs' programs: compiled for the replica's device (as the search measured them) or eager",
-        choices=("compiled", "eager"),
+        help="the rungs' programs: compiled for the replica's device (as the search measured them; every start "
+        "compiles them), packaged (AOTInductor packages under --packages: built once, a restart loads them; timed "
+        "as packages), or eager",
+        choices=("compiled", "packaged", "eager"),
+    )
+    packages: str = option(
+        "serve_packages", help="folder of the rungs' AOTInductor packages (--mode packaged), per node unless shared"
     )
     batch_sizes: str = option(
         "1,8", help="batch sizes each rung is compiled and measured at; a batch holds at most the largest"

@@ -1,9 +1,10 @@
 """One serving replica (a Ray Serve deployment): the ladder's programs, the batching and the HTTP interface.
 
 At start the replica builds every rung's program for its device at each serving batch size (compiled as the
-search measured them, or eager `FixedSubnet` modules; either way each program holds its own copy of the
-weights it uses: a frozen program folds them into its code) and takes each
-program's latency from the shared latency table, measuring (and adding) what the table lacks on this hardware.
+search measured them, AOTInductor packages loaded from disk and built where missing (`pipeline.serve.packages`),
+or eager `FixedSubnet` modules; a compiled or packaged program holds its own copy of the weights it uses: freezing
+folds them into its code) and takes each program's latency from the shared latency table, measuring (and adding)
+what the table lacks on this hardware.
 Requests are decoded as they arrive and batched by `serve.batch`; per batch, the requests with a budget of their
 own run the most accurate rung within it, the others the rung `policy.slack_fit` picks for the slack left to the
 batch's oldest request under the SLO.
@@ -22,8 +23,9 @@ from ray import serve
 
 from supervit import SubnetConfig, SuperViT
 
-from ..search.latency import LatencySettings, whole_row
+from ..search.latency import LatencySettings, program_row, whole_row
 from .options import token_matches
+from .packages import package_path, packaged_program, weights_digest
 from .policy import BadRequest, Rung, parse_request_budget, slack_fit, within_budget
 
 __all__ = ["ReplicaSpec", "LadderReplica", "rung_program", "build_ladder", "json_error"]
@@ -46,6 +48,7 @@ class ReplicaSpec:
     max_request_bytes: int
     token: str | None
     full_gflops: float
+    packages: str | None = None  # the folder of AOTInductor packages (mode ``packaged``)
 
 
 @dataclass
@@ -85,15 +88,22 @@ def build_ladder(spec: ReplicaSpec, model: SuperViT, table) -> tuple[list[Rung],
     lat = spec.latency
     threads = lat.threads or torch.get_num_threads()
     device, dtype = torch.device(lat.device), getattr(torch, lat.dtype)
+    digest = weights_digest(model) if lat.mode == "packaged" else ""
     ladder, programs = [], {}
     for name, gf, top1 in spec.rungs:
         subnet = SubnetConfig.parse(name).validate(model.arch)
         ms = {}
         for b in spec.batch_sizes:
             ctx = _Latency(model.arch, spec.num_classes, spec.arch_key, table, dataclasses.replace(lat, batch=b), model)
-            row, _ = whole_row(ctx, subnet, threads)
+            if lat.mode == "packaged":
+                path = package_path(spec.packages, spec.arch_key, digest, name, b, device.type, lat.dtype, threads)
+                program, seconds, built = packaged_program(model, subnet, b, device, dtype, path)
+                row, _ = program_row(ctx, subnet, threads, "packaged", program, seconds if built else 0.0)
+            else:
+                row, _ = whole_row(ctx, subnet, threads)
+                program = rung_program(model, subnet, b, lat.mode, device, dtype)
             ms[b] = float(row["median_ms"])
-            programs[(name, b)] = rung_program(model, subnet, b, lat.mode, device, dtype)
+            programs[(name, b)] = program
         ladder.append(Rung(name, gf, top1, ms))
     return ladder, programs
 

@@ -123,6 +123,14 @@ def test_serve_bad_inputs(tmp_path, mlflow_uri, capsys, monkeypatch):
         assert f"cannot listen on 127.0.0.1:{taken}" in one_line_error(
             main, ["--mlflow-uri", mlflow_uri, "--port", taken], capsys
         )
+    (tmp_path / "a_file").write_text("")
+    err = one_line_error(main, [*base, "--mode", "packaged", "--packages", str(tmp_path / "a_file" / "pk")], capsys)
+    assert "--packages" in err and not (tmp_path / "a_file" / "pk").exists()
+    import ray
+
+    # As from a fresh shell: the entry point is checked for a local Ray about to start (this process may share
+    # the e2e tests' Ray under pytest-xdist).
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no haproxy on it
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
     assert "--ingress haproxy: no haproxy binary here" in one_line_error(main, [*base, "--ingress", "haproxy"], capsys)
