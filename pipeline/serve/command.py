@@ -90,13 +90,13 @@ def plan_serving(opts: ServeOptions, tracking_uri: str, workdir: Path) -> tuple[
     if _starts_local_ray(opts):
         local_ingress(opts.ingress)  # haproxy asked for and missing
     if opts.mode == "packaged":
-        packages = Path(opts.packages)
-        try:
-            packages.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--packages {packages}: {e.strerror or e}") from None
-        if not os.access(packages, os.W_OK):
-            raise UsageError(f"--packages {packages}: not writable")
+        # Checked, not created: bad input leaves nothing behind (the replica creates the folders it writes).
+        existing = Path(opts.packages).resolve()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            why = "not a folder" if not existing.is_dir() else "not writable"
+            raise UsageError(f"--packages {opts.packages}: {existing} is {why}")
     source = load_ladder_source(tracking_uri, opts.search, workdir, opts.max_rungs)
     model, params = source.model, source.search_params
     table = opts.latency_table or params.get("latency_table")
