@@ -34,7 +34,6 @@ __all__ = [
     "LatencySource",
     "Latency",
     "whole_row",
-    "program_row",
     "measured_latency",
     "part_rows",
     "predicted_latency",
@@ -113,11 +112,18 @@ def _row(key: tuple, r, kind: str) -> dict:
 
 
 def whole_row(
-    ctx: LatencySource, subnet: SubnetConfig, threads: int, mode: str | None = None, measure: bool = True
+    ctx: LatencySource,
+    subnet: SubnetConfig,
+    threads: int,
+    mode: str | None = None,
+    measure: bool = True,
+    program=None,
+    compile_s: float = 0.0,
 ) -> tuple[dict | None, bool]:
     """The latency of ``subnet``'s whole program on this node's hardware in ``mode`` (default the search's): from
     the shared table, or (``measure``) measured once and added. Compilation time is recorded beside it, never
-    counted in it.
+    counted in it. ``program``: a program built elsewhere (a loaded package, built in ``compile_s``), timed by the
+    same protocol instead of one built here for ``mode``.
 
     Returns:
         ``(row, cached)``: the table row (None if absent and not measured), and whether it was there already.
@@ -125,6 +131,7 @@ def whole_row(
     import ray
 
     from supervit import measure_latency
+    from supervit.latency import time_program
 
     lat = ctx.latency
     mode = mode or lat.mode
@@ -132,43 +139,23 @@ def whole_row(
     row = ray.get(ctx.table.get.remote(key))
     if row is not None or not measure:
         return row, row is not None
-    r = measure_latency(
-        ctx.model(),
-        subnet,
-        lat.batch,
-        lat.device,
-        getattr(torch, lat.dtype),
-        runs=lat.runs,
-        warmup=max(3, lat.runs // 5),
-        threads=threads if lat.device == "cpu" else None,
-        mode=mode,
-    )
-    row = _row(key, r, "subnet")
-    ray.get(ctx.table.put.remote(row))
-    return row, False
-
-
-def program_row(
-    ctx: LatencySource, subnet: SubnetConfig, threads: int, mode: str, program, compile_s: float = 0.0
-) -> tuple[dict, bool]:
-    """`whole_row` for a program built elsewhere (a loaded package): the table's row of ``mode``, or ``program``
-    timed here by the same protocol and added.
-
-    Returns:
-        ``(row, cached)``.
-    """
-    import ray
-
-    from supervit.latency import time_program
-
-    lat = ctx.latency
-    key = _key(ctx, subnet.name, threads, mode)
-    row = ray.get(ctx.table.get.remote(key))
-    if row is not None:
-        return row, True
-    shape = (lat.batch, ctx.arch.in_chans, ctx.arch.img_size, ctx.arch.img_size)
-    x = torch.randn(shape, device=lat.device, dtype=getattr(torch, lat.dtype))
-    r = time_program(program, x, max(3, lat.runs // 5), lat.runs, mode=mode, compile_s=compile_s)
+    warmup = max(3, lat.runs // 5)
+    if program is not None:
+        shape = (lat.batch, ctx.arch.in_chans, ctx.arch.img_size, ctx.arch.img_size)
+        x = torch.randn(shape, device=lat.device, dtype=getattr(torch, lat.dtype))
+        r = time_program(program, x, warmup, lat.runs, mode=mode, compile_s=compile_s)
+    else:
+        r = measure_latency(
+            ctx.model(),
+            subnet,
+            lat.batch,
+            lat.device,
+            getattr(torch, lat.dtype),
+            runs=lat.runs,
+            warmup=warmup,
+            threads=threads if lat.device == "cpu" else None,
+            mode=mode,
+        )
     row = _row(key, r, "subnet")
     ray.get(ctx.table.put.remote(row))
     return row, False

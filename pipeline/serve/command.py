@@ -167,15 +167,18 @@ def start(opts: ServeOptions, verbose: bool = False) -> Server:
     except BaseException:
         workdir.cleanup()
         raise
-    if _starts_local_ray(opts):
-        set_local_env(local_ingress(opts.ingress))
-    init_ray(opts.address, verbose=verbose)
-    try:
-        ingress = running_ingress()
-        check_ingress(opts.ingress, ingress)
-    except BaseException:
-        workdir.cleanup()
-        raise
+    if _starts_local_ray(opts):  # its entry point is the one set here
+        ingress = local_ingress(opts.ingress)
+        set_local_env(ingress)
+        init_ray(opts.address, verbose=verbose)
+    else:  # a running cluster's is the one its `ray start` set up
+        init_ray(opts.address, verbose=verbose)
+        try:
+            ingress = running_ingress()
+            check_ingress(opts.ingress, ingress)
+        except BaseException:
+            workdir.cleanup()
+            raise
     if not verbose:  # Serve's own lines (started, deploying, ready) stay in its log files
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     # A replica Ray cannot place would leave Serve waiting for it forever.

@@ -23,7 +23,7 @@ from ray import serve
 
 from supervit import SubnetConfig, SuperViT
 
-from ..search.latency import LatencySettings, program_row, whole_row
+from ..search.latency import LatencySettings, whole_row
 from .options import token_matches
 from .packages import package_path, packaged_program, weights_digest
 from .policy import BadRequest, Rung, parse_request_budget, slack_fit, within_budget
@@ -38,7 +38,7 @@ class ReplicaSpec:
 
     arch: dict
     num_classes: int
-    state: Any  # the supernet's state dict, or an ObjectRef of it: in the object store once, not in every init args
+    state: Any  # the supernet's state dict; an ObjectRef of it once `start` has put it in the object store
     arch_key: str
     rungs: tuple  # (subnet, gflops, top1) per rung
     batch_sizes: tuple[int, ...]
@@ -98,7 +98,7 @@ def build_ladder(spec: ReplicaSpec, model: SuperViT, table) -> tuple[list[Rung],
             if lat.mode == "packaged":
                 path = package_path(spec.packages, spec.arch_key, digest, name, b, device.type, lat.dtype, threads)
                 program, seconds, built = packaged_program(model, subnet, b, device, dtype, path)
-                row, _ = program_row(ctx, subnet, threads, "packaged", program, seconds if built else 0.0)
+                row, _ = whole_row(ctx, subnet, threads, program=program, compile_s=seconds if built else 0.0)
             else:
                 row, _ = whole_row(ctx, subnet, threads)
                 program = rung_program(model, subnet, b, lat.mode, device, dtype)
@@ -127,12 +127,9 @@ class LadderReplica:
         self.spec = spec
         arch = ArchConfig.from_dict(spec.arch)
         model = SuperViT(arch, num_classes=spec.num_classes)
-        if isinstance(spec.state, dict):
-            model.load_state_dict(spec.state)
-        else:
-            import ray
+        import ray
 
-            model.load_state_dict(ray.get(spec.state))
+        model.load_state_dict(ray.get(spec.state))
         self.device, self.dtype = torch.device(spec.latency.device), getattr(torch, spec.latency.dtype)
         self.model = model.to(self.device, self.dtype).eval()
         compiled_cache_size(max(8, len(spec.rungs) * len(spec.batch_sizes)))
