@@ -21,7 +21,7 @@ from .latency import measured_latency, table_calibration
 from .latency_report import latency_report, prediction_report
 from .plan import SearchRun
 from .report import pareto_plot
-from .select import choose, pareto_front
+from .select import choose, pareto_front, pool_within
 from .trial import TrialContext, TrialResult
 from .verify import in_trial_task, verify_answers
 
@@ -40,14 +40,19 @@ def test_top1(s: SearchRun, subnets: list) -> dict:
 def choose_answers(s: SearchRun, per_budget: list[list[TrialResult]]) -> tuple[list[dict], list[dict]]:
     """Per budget, the chosen subnet and best uniform one (with their test top-1), and every trial as a row.
 
+    A budget's candidates are its own trials and every other budget's trials within it (`select.pool_within`).
+
     With predicted latency, what the choice rests on is first measured whole (`verify.verify_answers`): the
     choice is made on measured latencies.
     """
     plan = s.plan
+    own = [len(results) for results in per_budget]
+    candidates = pool_within(per_budget, [value for _, value in plan.budgets])
     if s.ctx.latency.predict:
-        per_budget, _ = verify_answers(s, per_budget)
+        candidates, _ = verify_answers(s, candidates)
+    per_budget = [results[:n] for results, n in zip(candidates, own, strict=True)]
     choices = []
-    for (budget, _), results in zip(plan.budgets, per_budget, strict=True):
+    for (budget, _), results in zip(plan.budgets, candidates, strict=True):
         try:
             choices.append(choose(results, plan.latency_budget))
         except ValueError as e:

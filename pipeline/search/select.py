@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .trial import TrialResult
 
-__all__ = ["pareto_front", "Choice", "choose"]
+__all__ = ["pareto_front", "Choice", "choose", "pool_within"]
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -37,6 +37,23 @@ def choose(results: Sequence[TrialResult], latency_budget: float | None = None) 
         raise ValueError("no evaluated subnet meets the latency budget" if results else "no trial finished")
     uniform = [r for r in feasible if r.uniform]
     return Choice(max(feasible, key=_rank), max(uniform, key=_rank) if uniform else None)
+
+
+def pool_within(per_budget: Sequence[Sequence[TrialResult]], values: Sequence[float]) -> list[list[TrialResult]]:
+    """Per budget (``values``: its GFLOPs), its own results followed by every other budget's results that fit it,
+    one per subnet: a subnet evaluated for one budget is a candidate for every budget it fits, so a larger
+    budget's answer is never less accurate than a smaller one's."""
+    pooled = []
+    for i, (own, value) in enumerate(zip(per_budget, values, strict=True)):
+        seen = {r.subnet for r in own}
+        extra = []
+        for j, results in enumerate(per_budget):
+            for r in results if j != i else ():
+                if r.gflops <= value * (1 + 1e-9) and r.subnet not in seen:
+                    seen.add(r.subnet)
+                    extra.append(r)
+        pooled.append([*own, *extra])
+    return pooled
 
 
 def _rank(r: TrialResult) -> tuple[float, float, float]:

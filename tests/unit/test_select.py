@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.search.select import choose, pareto_front
+from pipeline.search.select import choose, pareto_front, pool_within
 from pipeline.search.trial import TrialResult
 from supervit import SubnetConfig
 
@@ -55,6 +55,18 @@ def test_choose_prefers_accuracy_then_speed_then_flops_within_the_latency_budget
 def test_choice_without_a_uniform_subnet():
     c = choose([_result("g8_k0.9-0.7-0.5", 96.0, 4.0, 0.009)])
     assert c.best.subnet == "g8_k0.9-0.7-0.5" and c.uniform is None
+
+
+def test_a_budget_chooses_among_every_budgets_trials_within_it():
+    small = [_result("g4_k0.5-1-1", 96.7, 0.36, 0.0024), _result("g4_k0.5", 95.0, 0.35, 0.0021)]
+    large = [_result("g6_k0.5", 96.1, 0.52, 0.0045), _result("g4_k0.5", 95.0, 0.35, 0.0021)]
+    pooled = pool_within([small, large], [0.004, 0.016])
+    # The larger budget's own trials come first, then the smaller's within it, each subnet once.
+    assert [r.subnet for r in pooled[1]] == ["g6_k0.5", "g4_k0.5", "g4_k0.5-1-1"]
+    # The smaller budget gains nothing over it (g6_k0.5 is over 0.004 GFLOPs).
+    assert [r.subnet for r in pooled[0]] == ["g4_k0.5-1-1", "g4_k0.5"]
+    assert choose(large).best.subnet == "g6_k0.5"  # its own trials alone would answer less accurately
+    assert choose(pooled[1]).best.subnet == "g4_k0.5-1-1" == choose(pooled[0]).best.subnet
 
 
 def _predicted(subnet: str, top1: float, parts_ms: float) -> TrialResult:
