@@ -355,13 +355,14 @@ def save_state(storage: str, name: str, state: RunState) -> None:
     write_run_file(storage, name, STATE_FILE, dump_json(dataclasses.asdict(state)))
 
 
-def finish_mlflow_run(tracking_uri: str, run_id: str, description: str) -> None:
-    """Mark the run finished, with ``description`` (Markdown) as the run's note in the MLflow UI."""
+def finish_mlflow_run(tracking_uri: str, run_id: str, description: str, status: str = "FINISHED") -> None:
+    """Mark the run ended (``status``: FINISHED, KILLED, FAILED), with ``description`` (Markdown) as the run's note
+    in the MLflow UI."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     client.set_tag(run_id, "mlflow.note.content", description)
-    client.set_terminated(run_id, status="FINISHED")
+    client.set_terminated(run_id, status=status)
 
 
 def maybe_fail(marker: str) -> None:

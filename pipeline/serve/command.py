@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -150,84 +151,104 @@ def _deployment(opts: ServeOptions, spec: ReplicaSpec):
         ray_actor_options=actor,
         # Enough queued requests per replica to fill several batches: the policy needs the queue to see a burst.
         max_ongoing_requests=8 * max(spec.batch_sizes),
+        # A stopping replica checks for requests still running this often (Serve's default, 2 s, is most of a
+        # stop's time; `ray job stop` kills a job that has not ended 3 s after its SIGTERM).
+        graceful_shutdown_wait_loop_s=0.1,
         **scaling,
     )
 
 
 def start(opts: ServeOptions, verbose: bool = False) -> Server:
-    """Read the ladder, start Serve on Ray, wait until the replicas have built their programs, log the run."""
-    import mlflow
+    """Read the ladder, start Serve on Ray, wait until the replicas have built their programs, log the run.
+
+    Whatever stops it part way (bad input found on the cluster, Ctrl-C, the command's SIGTERM) shuts Serve down
+    again: its controller is detached and would otherwise serve on after this process is gone.
+    """
     import ray
-    from ray import serve
 
     tracking_uri = resolve_tracking_uri(opts.mlflow_uri)
     workdir = tempfile.TemporaryDirectory(prefix="supervit-serve-")
     try:
         source, spec, table_path = plan_serving(opts, tracking_uri, Path(workdir.name))
+        local = _starts_local_ray(opts)
+        if local:  # its entry point is the one set here
+            ingress = local_ingress(opts.ingress)
+            set_local_env(ingress)
+        caller_sigterm = signal.getsignal(signal.SIGTERM)
+        init_ray(opts.address, verbose=verbose)
+        # `ray.init` puts in an exit of its own for SIGTERM; the caller's handler (the command's: stop as Ctrl-C
+        # does) goes back, so that a stop while the replicas start still shuts Serve down.
+        if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, caller_sigterm)
+        if not local:  # a running cluster's entry point is the one its `ray start` set up
+            ingress = running_ingress()
+            check_ingress(opts.ingress, ingress)
+        if not verbose:  # Serve's own lines (started, deploying, ready) stay in its log files
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        # A replica Ray cannot place would leave Serve waiting for it forever.
+        have = ray.cluster_resources()
+        if have.get("CPU", 0) < opts.replica_cpus or (opts.device == "cuda" and have.get("GPU", 0) < 1):
+            need = f"{opts.replica_cpus} CPUs" + (" and a GPU" if opts.device == "cuda" else "")
+            raise UsageError(
+                f"a replica needs {need}; the Ray cluster has {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs"
+            )
     except BaseException:
         workdir.cleanup()
         raise
-    if _starts_local_ray(opts):  # its entry point is the one set here
-        ingress = local_ingress(opts.ingress)
-        set_local_env(ingress)
-        init_ray(opts.address, verbose=verbose)
-    else:  # a running cluster's is the one its `ray start` set up
-        init_ray(opts.address, verbose=verbose)
-        try:
-            ingress = running_ingress()
-            check_ingress(opts.ingress, ingress)
-        except BaseException:
-            workdir.cleanup()
-            raise
-    if not verbose:  # Serve's own lines (started, deploying, ready) stay in its log files
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    # A replica Ray cannot place would leave Serve waiting for it forever.
-    have = ray.cluster_resources()
-    if have.get("CPU", 0) < opts.replica_cpus or (opts.device == "cuda" and have.get("GPU", 0) < 1):
-        workdir.cleanup()
-        need = f"{opts.replica_cpus} CPUs" + (" and a GPU" if opts.device == "cuda" else "")
-        raise UsageError(
-            f"a replica needs {need}; the Ray cluster has {have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs"
-        )
-    table = ray.remote(LatencyTable).options(num_cpus=0).remote(table_path)
-    # The weights go to the object store once; each replica (a restart, one more under autoscaling) fetches them.
-    # Inside the init args they would be pickled into Serve's controller and copied into every replica's start.
-    spec = dataclasses.replace(spec, state=ray.put(spec.state))
+    from ray import serve
+
     try:
+        table = ray.remote(LatencyTable).options(num_cpus=0).remote(table_path)
+        # The weights go to the object store once; each replica (a restart, one more under autoscaling) fetches
+        # them. Inside the init args they would be pickled into Serve's controller and copied into every replica.
+        spec = dataclasses.replace(spec, state=ray.put(spec.state))
         # One HTTP entry point, on the head node (the driver's): `--host 0.0.0.0` opens it to the network.
         serve.start(proxy_location="HeadOnly", http_options={"host": opts.host, "port": opts.port})
         handle = serve.run(_deployment(opts, spec).bind(spec, table), name=APP, route_prefix="/")
         measured = handle.describe.remote().result()
+        by_name = {r["subnet"]: r for r in source.rungs}
+        ladder = sorted(({**by_name[m["subnet"]], **m} for m in measured), key=lambda r: r["gflops"])
+        url = f"http://{opts.host}:{opts.port}"
+        run_id = _log_serving_run(opts, source, ladder, url, ingress, tracking_uri, Path(workdir.name))
     except BaseException:
-        serve.shutdown()  # nothing half-started is left serving
+        serve.shutdown()  # nothing half-started is left serving (the run, if opened, was marked killed)
         workdir.cleanup()
         raise
-    by_name = {r["subnet"]: r for r in source.rungs}
-    ladder = sorted(({**by_name[m["subnet"]], **m} for m in measured), key=lambda r: r["gflops"])
-    url = f"http://{opts.host}:{opts.port}"
+    return Server(url, ladder, ingress, run_id, tracking_uri, source, table, spec.state, workdir)
+
+
+def _log_serving_run(
+    opts: ServeOptions, source: LadderSource, ladder: list[dict], url: str, ingress: str, tracking_uri: str, tmp: Path
+) -> str:
+    """The serving run (options, the ladder as measured) and, with ``--log-model``, the ladder's pyfunc model."""
+    import mlflow
+
     arch = source.model.arch
     tags = {STAGE_TAG: "serve", "preset": arch.name, "search_run_id": source.search_run_id}
     params = dataclasses.asdict(opts) | {"url": url, "rungs": len(ladder), "ingress_used": ingress}
     run_id = open_mlflow_run(tracking_uri, opts.experiment, f"serve-{source.search_run_id[:8]}", None, tags, params)
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_dict(
-            {"url": url, "ingress": ingress, "slo_ms": opts.slo_ms, "mode": opts.mode, "subnets": ladder}, "ladder.json"
-        )
-        if opts.log_model:
-            with warnings.catch_warnings():  # MLflow asks for type hints on predict (its params are typed already)
-                warnings.simplefilter("ignore", UserWarning)
-                from .pyfunc import log_ladder_model
-
-            log_ladder_model(
-                ladder,
-                source.checkpoint,
-                arch,
-                source.model.num_classes,
-                f"supervit-{arch.name}-ladder",
-                Path(workdir.name),
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_dict(
+                {"url": url, "ingress": ingress, "slo_ms": opts.slo_ms, "mode": opts.mode, "subnets": ladder},
+                "ladder.json",
             )
-    return Server(url, ladder, ingress, run_id, tracking_uri, source, table, spec.state, workdir)
+            if opts.log_model:
+                with warnings.catch_warnings():  # MLflow asks for type hints on predict (its params are typed)
+                    warnings.simplefilter("ignore", UserWarning)
+                    from .pyfunc import log_ladder_model
+
+                log_ladder_model(
+                    ladder, source.checkpoint, arch, source.model.num_classes, f"supervit-{arch.name}-ladder", tmp
+                )
+    except BaseException:
+        try:
+            finish_mlflow_run(tracking_uri, run_id, "stopped while starting", status="KILLED")
+        except Exception:  # noqa: BLE001 - a store gone away must not hide why serving stopped
+            pass
+        raise
+    return run_id
 
 
 def _describe(server: Server) -> str:
@@ -236,17 +257,18 @@ def _describe(server: Server) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry: serve until Ctrl-C."""
+    """CLI entry: serve until Ctrl-C or SIGTERM."""
     opts, verbose = parse_options(ServeOptions, argv, "python -m pipeline.serve", __doc__.split("\n\n")[0])
     quiet_libraries(verbose)
-    server = start(opts, verbose)
-    print(_describe(server), flush=True)
 
     def interrupt(*_) -> None:
         raise KeyboardInterrupt
 
-    # SIGTERM (`ray job stop`, a process manager) stops it as Ctrl-C does.
+    # SIGTERM (`ray job stop`, a process manager) stops it as Ctrl-C does, from the start: a stop while the
+    # replicas build their programs shuts Serve down too (`start` keeps this handler across `ray.init`).
     signal.signal(signal.SIGTERM, interrupt)
+    server = start(opts, verbose)
+    print(_describe(server), flush=True)
     try:
         while True:
             time.sleep(1)

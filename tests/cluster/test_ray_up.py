@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import getpass
+import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -39,6 +41,7 @@ SEARCH = (
     "python -m pipeline.search --budget 0.5x --trials 4 --latency-runs 5 --latency-mode eager --no-latency-report "
     "--trial-cpus 1 --name cluster-search"
 )
+SERVE = "python -m pipeline.serve --mode eager --batch-sizes 1,4 --latency-runs 5"
 
 
 @pytest.fixture
@@ -109,6 +112,96 @@ def submit(cloud: LocalCloud, address: str, name: str, entrypoint: str, timeout:
     return res.stdout + res.stderr
 
 
+def job_status(cloud: LocalCloud, address: str, name: str) -> str:
+    """A job's status as `ray job status` prints it (RUNNING, SUCCEEDED, STOPPED, FAILED, ...)."""
+    out = cloud.ray_cli("job", "status", "--address", address, name, timeout=60)
+    text = out.stdout + out.stderr
+    # The CLI words the three final states as sentences and the others as "Status for job 'x': STATE".
+    for sentence, status in (("succeeded", "SUCCEEDED"), ("was stopped", "STOPPED"), ("failed", "FAILED")):
+        if f"Job '{name}' {sentence}" in text:
+            return status
+    found = re.search(rf"Status for job '{name}': (\w+)", text)
+    return found.group(1) if found else ""
+
+
+def tunnel_to_head(cloud: LocalCloud, head: str, target: str, log: str) -> int:
+    """An SSH tunnel from a local port to ``target`` (host:port, as the head resolves it) through the head, as the
+    README reaches MLflow and serving; returns the local port."""
+    local = free_port()
+    cloud.start_process(
+        [
+            "ssh",
+            "-i",
+            str(cloud.key),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-N",
+            "-L",
+            f"{local}:{target}",
+            f"{getpass.getuser()}@{head}",
+        ],
+        log=log,
+    )
+    return local
+
+
+def digit_png() -> bytes:
+    """One of scikit-learn's digits as a PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    buf = io.BytesIO()
+    Image.fromarray((load_digits().images[3] * 255 / 16).astype(np.uint8), "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def serve_on_the_cluster(cloud: LocalCloud, address: str, config: Path) -> dict:
+    """The README's way to serve on the cluster: `python -m pipeline.serve` as a job on the head (its replica on
+    the worker: the head has no CPU for it), reached through an SSH tunnel to the head's port, answering a
+    request; `ray job stop` stops it cleanly (the job's SIGTERM) and nothing answers after. Returns an answer."""
+    import urllib.request
+
+    port = free_port()
+    res = cloud.ray_cli(
+        "job", "submit", "--address", address, "--submission-id", "serve", "--no-wait",
+        "--runtime-env-json", json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "30"}}),  # as the README submits it
+        "--", *SERVE.split(), "--port", str(port), timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, tail(res)
+    head = cloud.ray_cli("get-head-ip", str(config), check=True).stdout.strip().splitlines()[-1]
+    # It binds 127.0.0.1 on the head (the default): reached through the tunnel only.
+    url = f"http://localhost:{tunnel_to_head(cloud, head, f'localhost:{port}', 'serve-tunnel.log')}"
+
+    def logs() -> str:
+        return cloud.ray_cli("job", "logs", "--address", address, "serve").stdout
+
+    def listening() -> bool:
+        """Its one line says where it listens (it has started, its run logged), and it answers there."""
+        status = job_status(cloud, address, "serve")
+        if status in ("FAILED", "STOPPED", "SUCCEEDED"):
+            pytest.fail(f"the serving job ended ({status}) before it listened:\n{logs()[-4000:]}")
+        return f"serving http://127.0.0.1:{port}" in logs() and http_status(url + "/subnets") == 200
+
+    wait_until(listening, 300, "the serving job to listen", 2)
+    with urllib.request.urlopen(urllib.request.Request(url + "/predict", data=digit_png()), timeout=60) as r:
+        answer = json.load(r)
+    stop = cloud.ray_cli("job", "stop", "--address", address, "serve", timeout=120)
+    assert stop.returncode == 0, tail(stop)
+    assert wait_until(lambda: job_status(cloud, address, "serve") == "STOPPED", 60, "the serving job to stop", 1)
+    out = logs()
+    assert "stopping" in out and "stopped" in out.split("stopping", 1)[1], out[-3000:]
+    # Serve itself is gone (its controller is detached: a driver killed before it shut Serve down would leave it).
+    wait_until(lambda: http_status(url + "/subnets") == 0, 60, "nothing to answer on the serving port", 1)
+    return answer
+
+
 def test_ray_up_runs_the_pipeline_with_mlflow_login_and_ray_down_leaves_nothing(cloud, monkeypatch):
     t0 = time.monotonic()
     config = write_config(cloud, yaml.safe_load(SOURCE_CONFIG.read_text()))
@@ -144,6 +237,9 @@ def test_ray_up_runs_the_pipeline_with_mlflow_login_and_ray_down_leaves_nothing(
     t_search = time.monotonic() - t0
     print(f"search job done {t_search:.0f}s", flush=True)
     assert "| 0.5x |" in out  # the answer table
+    answer = serve_on_the_cluster(cloud, address, config)
+    t_serve = time.monotonic() - t0
+    print(f"serve job answered and stopped {t_serve:.0f}s", flush=True)
 
     # The head's MLflow server requires a login: nothing without one or with a wrong one ...
     uri = cloud.mlflow_uri
@@ -165,25 +261,7 @@ def test_ray_up_runs_the_pipeline_with_mlflow_login_and_ray_down_leaves_nothing(
     check_mlflow(uri)
     head = cloud.ray_cli("get-head-ip", str(config), check=True).stdout.strip().splitlines()[-1]
     assert head == cloud.head.ip
-    tunnel = free_port()
-    cloud.start_process(
-        [
-            "ssh",
-            "-i",
-            str(cloud.key),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-N",
-            "-L",
-            f"{tunnel}:{head}:{cloud.mlflow_port}",
-            f"{getpass.getuser()}@{head}",
-        ],
-        log="tunnel.log",
-    )
+    tunnel = tunnel_to_head(cloud, head, f"{head}:{cloud.mlflow_port}", "tunnel.log")
     uri = f"http://localhost:{tunnel}"
     wait_until(lambda: http_status(uri + "/health") == 200, 60, "the SSH tunnel to MLflow", 0.5)
     assert http_status(uri + "/api/2.0/mlflow/experiments/search?max_results=5") == 401
@@ -209,6 +287,14 @@ def test_ray_up_runs_the_pipeline_with_mlflow_login_and_ray_down_leaves_nothing(
     assert client.list_artifacts(parent.info.run_id)
     trials = client.search_runs([search_exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(trials) >= 4
+
+    # The serving job's run: finished (stopped cleanly), linked to its search, its ladder registered as one model.
+    serving = client.search_runs([client.get_experiment_by_name("supervit-serve").experiment_id])
+    assert len(serving) == 1 and serving[0].info.status == "FINISHED"
+    assert serving[0].data.tags["search_run_id"] == parent.info.run_id
+    ladder = client.download_artifacts(serving[0].info.run_id, "ladder.json", str(cloud.base))
+    assert answer["subnet"] in {r["subnet"] for r in json.loads(Path(ladder).read_text())["subnets"]}
+    assert [v.run_id for v in client.search_model_versions("name = 'supervit-tiny-ladder'")] == [serving[0].info.run_id]
 
     # Artifacts went to the bucket through the MLflow server, and Ray's checkpoints to the bucket directly.
     s3 = cloud.s3()
@@ -239,7 +325,8 @@ def test_ray_up_runs_the_pipeline_with_mlflow_login_and_ray_down_leaves_nothing(
     assert not cloud.leftovers(), cloud.leftovers()
     print(
         f"ray up {t_up:.0f}s, worker joined {t_worker:.0f}s, supertrain job done {t_train:.0f}s, "
-        f"search job done {t_search:.0f}s, ray down done {t_down:.0f}s, all stopped {time.monotonic() - t0:.0f}s; "
+        f"search job done {t_search:.0f}s, serve job done {t_serve:.0f}s, ray down done {t_down:.0f}s, "
+        f"all stopped {time.monotonic() - t0:.0f}s; "
         f"left on the worker after `ray down`: {len(worker_left)} processes"
     )
 

@@ -3,7 +3,12 @@ following budgets and load, refusing bad input and still serving; the ladder as 
 
 import concurrent.futures
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -105,6 +110,9 @@ def test_the_ladder_is_the_searchs_front_and_answers(served):
     assert {c["subnet"] for c in res.chosen} <= names  # every budget's answer is served
     front = {r["subnet"] for r in res.trials if r["pareto"]}
     assert names - {c["subnet"] for c in res.chosen} <= front
+    # The larger budget chose among the smaller budget's trials too: never a less accurate answer.
+    small, large = sorted(res.chosen, key=lambda c: c["budget_gflops"])
+    assert large["top1"] >= max(r["top1"] for r in res.trials if r["gflops"] <= large["budget_gflops"]) >= small["top1"]
     for r in ladder:
         assert set(r.latency_ms) == {1, 8} and all(v > 0 for v in r.latency_ms.values())
     # The serving run holds the ladder as measured.
@@ -211,6 +219,59 @@ def test_the_ladder_is_one_pyfunc_model_that_picks_the_subnet_per_budget(served)
         np.testing.assert_allclose(out["probability"], p.numpy(), rtol=1e-4, atol=1e-6)
     best = max(ladder, key=lambda r: (r.top1, -r.gflops))
     assert set(loaded.predict(x.numpy())["subnet"]) == {best.subnet}
+
+
+def _session_pids(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (a command started with start_new_session and all it started)."""
+    pids = []
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and os.getsid(int(p)) == sid:
+                pids.append(int(p))
+        except OSError:
+            pass
+    return pids
+
+
+def test_sigterm_while_the_replicas_start_shuts_serve_down(served, tmp_path):
+    """A stop (`ray job stop`, a process manager) can come before the command serves: its SIGTERM must still shut
+    Serve down, whose controller would outlive the command, and leave nothing of it running."""
+    _, _, _, uri = served
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, as from a shell
+    cmd = [sys.executable, "-m", "pipeline.serve", "--mlflow-uri", uri, "--address", "local", "--port", str(port)]
+    cmd += ["--mode", "compiled", "--latency-table", str(tmp_path / "lat.parquet")]  # compiling: a long start
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _listening(port):  # Serve's entry point is up; the replica is still building its programs
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the entry point did not come up in 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, (out, err[-3000:])
+    assert "interrupted" in err and "serving" not in out
+    deadline = time.monotonic() + 30  # Ray's own processes end after their driver
+    while _session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _session_pids(proc.pid)
+    assert not _listening(port)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("supervit-serve")
+    runs = client.search_runs([experiment.experiment_id], f"params.port = '{port}'")
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_a_killed_replica_comes_back_with_the_weights_and_answers_the_same(served):
