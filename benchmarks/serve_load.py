@@ -8,8 +8,10 @@ One deployment serves all three policies: requests without a budget follow the S
 for the most accurate rung (``budget=1x``), always-smallest for the smallest rung's GFLOPs. Per policy and rate:
 throughput, p50/p99 latency seen by the client, SLO attainment (answered within the SLO; errors and timeouts
 count as misses), and mean accuracy (the held-out top-1 of the subnet each request got). Also the idle overhead:
-p50 of sequential requests against the largest rung's measured latency. Writes serve_load.md / .json / .png under
-``--out``. The client is one asyncio process beside the server: on a small machine the three compete for cores.
+p50 of sequential requests against the largest rung's measured latency, and where the CPU goes: per request, the
+replica's, HAProxy's, the client's and the rest of Ray's CPU time (read from /proc). Writes serve_load.md / .json /
+.png under ``--out``. The client is one asyncio process beside the server: on a small machine they compete for
+cores.
 """
 
 from __future__ import annotations
@@ -81,6 +83,49 @@ async def _load(url: str, body: bytes, rate: float, duration: float, most: int, 
         "mean_top1": statistics.fmean(top1[r[2]] for r in ok) if ok else float("nan"),
         "subnets": {s: sum(1 for r in ok if r[2] == s) / len(ok) for s in sorted({r[2] for r in ok})} if ok else {},
     }
+
+
+CPU_GROUPS = ("replica", "haproxy", "client", "ray")
+
+
+def _cpu_by_group() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of this process and every process it started (the local Ray's included), by group: the
+    serving replica, HAProxy, this process (the load's client, and the deployment's driver), the rest of Ray
+    (controller, proxy, raylet, ...)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats, children = {}, {}
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit():
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+                stats[int(p)] = fields
+                children.setdefault(int(fields[1]), []).append(int(p))
+        except OSError:
+            continue
+    me, out, todo = os.getpid(), {}, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        if pid not in stats:
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        group = (
+            "client" if pid == me else "haproxy" if "haproxy" in cmd else "replica" if "ServeReplica" in cmd
+            else "ray"
+        )  # fmt: skip
+        out[pid] = (group, (int(stats[pid][11]) + int(stats[pid][12])) / tick)
+    return out
+
+
+def _cpu_ms_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """Milliseconds of CPU per request, per group, between two `_cpu_by_group` readings."""
+    per = dict.fromkeys(CPU_GROUPS, 0.0)
+    for pid, (group, t) in after.items():
+        per[group] += t - before.get(pid, (group, 0.0))[1]
+    return {g: 1e3 * v / max(1, requests) for g, v in per.items()}
 
 
 def _plot(rows: list[dict], slo_ms: float, path: Path) -> None:
@@ -179,12 +224,16 @@ def main() -> None:
         rows = []
         for rate in [float(r) for r in a.rates.split(",")]:
             for policy, url in urls.items():
+                before = _cpu_by_group()
                 r = asyncio.run(_load(url, body, rate, a.duration, a.max_requests, a.slo_ms, top1))
+                cpu = _cpu_ms_per_request(before, _cpu_by_group(), r["requests"])
                 r |= {"policy": policy, "rate": rate, "largest_share": r["subnets"].get(best["subnet"], 0.0)}
+                r |= {"cpu_ms_per_request": cpu}
                 rows.append(r)
                 print(
                     f"{rate:6.0f} req/s {policy:9s} thr {r['throughput_rps']:7.1f}  p50 {r['p50_ms']:7.2f} ms  "
-                    f"p99 {r['p99_ms']:8.2f} ms  SLO {100 * r['slo_attainment']:5.1f} %  top-1 {r['mean_top1']:5.1f}",
+                    f"p99 {r['p99_ms']:8.2f} ms  SLO {100 * r['slo_attainment']:5.1f} %  top-1 {r['mean_top1']:5.1f}  "
+                    f"CPU ms/request " + " ".join(f"{g} {v:.2f}" for g, v in cpu.items()),
                     flush=True,
                 )
     finally:
@@ -208,14 +257,15 @@ def main() -> None:
         f"SLO {a.slo_ms:g} ms, open-loop Poisson arrivals, {a.duration:g} s per rate and policy:",
         "",
         "| offered (req/s) | policy | throughput (req/s) | p50 (ms) | p99 (ms) | SLO attainment | mean top-1 | "
-        "largest rung's share |",
-        "|---|---|---|---|---|---|---|---|",
+        "largest rung's share | CPU ms per request: replica / HAProxy / client / rest of Ray |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        cpu = " / ".join(f"{r['cpu_ms_per_request'][g]:.2f}" for g in CPU_GROUPS)
         lines.append(
             f"| {r['offered_rps']:.0f} | {r['policy']} | {r['throughput_rps']:.0f} | {r['p50_ms']:.2f} | "
             f"{r['p99_ms']:.2f} | {100 * r['slo_attainment']:.1f} % | {r['mean_top1']:.1f} % | "
-            f"{100 * r['largest_share']:.0f} % |"
+            f"{100 * r['largest_share']:.0f} % | {cpu} |"
         )
     text = "\n".join(lines)
     print("\n" + text)
