@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,9 +58,6 @@ import numpy as np
 from supervit.data import Augment, DataError, FileImages, ImageFiles, ParquetRows, load_image
 
 __all__ = ["train_dataset", "eval_dataset", "data_config", "ROWS_PER_TASK"]
-
-# PIL names the buffer it read (" <_io.BytesIO object at 0x7f...>"): an address, different at every read.
-_ADDRESS = re.compile(r" <[\w.]+ object at 0x[0-9a-f]+>")
 
 ROWS_PER_TASK = 64  # images per decode task: ~0.4 s of work at 224 px, a ~40 MB output block
 SHUFFLE_ROWS = 1024  # encoded images a Parquet reader shuffles among (~45 MB of ImageNet JPEGs)
@@ -102,7 +98,7 @@ def _decode_rows(rows, make_bytes, names, labels, t: _Transform) -> dict[str, np
         try:
             images[i] = load_image(last_data, t.img_size, t.in_chans, t.train, t.augment).numpy()
         except Exception as e:  # any decoder failure (PIL raises many kinds) skips the image, never the run
-            reason = _ADDRESS.sub("", str(e).removeprefix("cannot decode image: ")) or type(e).__name__
+            reason = str(e).removeprefix("cannot decode image: ") or type(e).__name__
             errors[i] = f"{names[i]}: {reason}"
     label = np.asarray(labels, np.int64).copy()
     bad = np.array([bool(e) for e in errors])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -10,6 +11,9 @@ from PIL import Image, ImageOps
 from .splits import DataError
 
 _ORIENTATION = 0x0112
+# PIL names the buffer it read (" <_io.BytesIO object at 0x7f...>"): an address, different at every read and
+# meaningless to whoever reads the message.
+_ADDRESS = re.compile(r" <[\w.]+ object at 0x[0-9a-f]+>")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, TypeError, EOFError, IndexError, Image.DecompressionBombError)
 
 
@@ -56,4 +60,4 @@ def decode_image(data: bytes | None, in_chans: int = 3) -> Image.Image:
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         return img.convert("L" if in_chans == 1 else "RGB")
     except _DECODE_ERRORS as e:
-        raise DataError(f"cannot decode image: {e}") from e
+        raise DataError(f"cannot decode image: {_ADDRESS.sub('', str(e)) or type(e).__name__}") from e
