@@ -23,7 +23,7 @@ __all__ = ["LadderSource", "find_search_run", "load_ladder_source", "thin"]
 @dataclass
 class LadderSource:
     """A finished search's supernet and ladder candidates (``rungs``: subnet, gflops, top1, search_latency_ms,
-    test_top1 where the subnet is an answer, budget it answers, or empty)."""
+    test_top1 where the subnet is an answer, the budgets it answers ("0.25x, 0.5x"), or empty)."""
 
     search_run_id: str
     supertrain_run_id: str | None
@@ -140,6 +140,9 @@ def load_ladder_source(tracking_uri: str, run_id: str | None, workdir: Path, max
     model = load_checkpoint(checkpoint).eval()
     arch, n = model.arch, model.num_classes
     answers = {c["subnet"]: c for c in chosen}
+    budgets: dict[str, list[str]] = {}
+    for c in chosen:
+        budgets.setdefault(c["subnet"], []).append(c["budget"])
     candidates = {r["subnet"]: r for r in _front(rows)}
     for name, c in answers.items():
         candidates.setdefault(name, c)
@@ -154,7 +157,7 @@ def load_ladder_source(tracking_uri: str, run_id: str | None, workdir: Path, max
                 "top1": float(r["top1"]),
                 "search_latency_ms": float(r["latency_ms"]),
                 "test_top1": answer.get("test_top1"),  # None where the subnet answers no budget
-                "budget": answer.get("budget", ""),
+                "budget": ", ".join(budgets.get(name, [])),  # every budget it answers (one subnet may answer several)
             }
         )
     return LadderSource(rid, supertrain, Path(checkpoint), model, thin(rungs, max_rungs), dict(params))

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -102,7 +103,7 @@ def _ladder(server) -> list[Rung]:
     ]
 
 
-def test_the_ladder_is_the_searchs_front_and_answers(served):
+def test_the_ladder_is_the_searchs_front_and_answers(served, tmp_path):
     server, res, _, _ = served
     ladder = _ladder(server)
     names = {r.subnet for r in ladder}
@@ -123,6 +124,12 @@ def test_the_ladder_is_the_searchs_front_and_answers(served):
     # The entry point is the one the cluster was started with (HAProxy where installed), and the run says which.
     assert server.ingress == ("haproxy" if haproxy_binary() else "proxy")
     assert run.data.params["ingress_used"] == server.ingress
+    # Each rung names every budget it answers (with two budgets, one subnet may answer both).
+    recorded = json.loads(Path(client.download_artifacts(server.run_id, "ladder.json", str(tmp_path))).read_text())
+    answers = {r["subnet"]: set(filter(None, r["budget"].split(", "))) for r in recorded["subnets"]}
+    for c in res.chosen:
+        assert c["budget"] in answers[c["subnet"]]
+    assert sum(map(len, answers.values())) == len(res.chosen)
 
 
 def test_predictions_equal_the_librarys_forward_of_the_rung_a_budget_picks(served):
