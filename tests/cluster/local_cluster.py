@@ -40,6 +40,7 @@ REPO_URL = "git+https://github.com/CHANGE-ME/supervit-pipeline.git@main"
 BUCKET_URI = "s3://CHANGE-ME-bucket"
 HEAD_ADDRESS = "$(hostname -I | awk '{print $1}')"  # how ray_cluster.yaml finds the head's private address
 RAY_PROCESS_NAMES = ("raylet", "gcs_server", "dashboard", "monitor", "log_monitor", "ray::")
+SNAPSHOT_LIMIT = 256 * 2**20  # the project's own files come to a few MB
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -337,11 +338,24 @@ class LocalCloud:
         files = subprocess.run(
             ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
         ).stdout.split(b"\0")
-        for f in filter(None, files):
-            src = REPO / f.decode()
+        paths = [f.decode() for f in files if f and (REPO / f.decode()).is_file()]
+        # A virtual environment or run outputs that .gitignore misses would be copied, committed and cloned by every
+        # node (a 9 GB venv held `ray up` for half an hour): stop at once and say what to ignore.
+        sizes = {p: (REPO / p).stat().st_size for p in paths}
+        if sum(sizes.values()) > SNAPSHOT_LIMIT:
+            tops: dict[str, int] = {}
+            for p, n in sizes.items():
+                tops[p.split("/")[0]] = tops.get(p.split("/")[0], 0) + n
+            big = ", ".join(f"{t} ({n / 2**20:.0f} MB)" for t, n in sorted(tops.items(), key=lambda kv: -kv[1])[:3])
+            raise RuntimeError(
+                f"the working tree's files that git does not ignore come to {sum(sizes.values()) / 2**20:.0f} MB "
+                f"(largest: {big}): add what is not the project to .gitignore"
+            )
+        for f in paths:
+            src = REPO / f
             if src.is_file():
-                (snap / f.decode()).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, snap / f.decode())
+                (snap / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, snap / f)
         git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "init.defaultBranch=main"]
         subprocess.run([*git, "init", "-q"], cwd=snap, check=True)
         subprocess.run([*git, "add", "-A"], cwd=snap, check=True)
