@@ -49,7 +49,9 @@ def haproxy_binary() -> str | None:
     try:
         return get_haproxy_binary()
     except OSError:  # FileNotFoundError among them: the override names no executable, or there is none at all
-        return None
+        # Serve reads an empty override as none and, the bundled lookup refusing it, falls back to PATH.
+        path = shutil.which("haproxy") if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") == "" else None
+        return path if path and os.access(path, os.X_OK) else None
 
 
 def local_ingress(requested: str) -> str:
@@ -79,15 +81,35 @@ def set_local_env(ingress: str) -> None:
     # cloud load balancers; HAProxy here learns of the stop within 0.1 s). Stopping waits for it: Ctrl-C took 39 s.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     if ingress == "haproxy":
-        # HAProxy also binds a stats and a metrics port on every interface, at fixed defaults: a second deployment
-        # on one machine would fail to start its HAProxy. Where the default is taken, another free port serves.
+        _side_ports()
+
+
+# The side ports this process chose itself (not the user's): a later deployment from this process chooses again.
+_CHOSEN: dict[str, str] = {}
+
+
+def _side_ports() -> None:
+    """HAProxy also binds a stats and a metrics port on every interface, at fixed defaults: a second deployment on
+    one machine would fail to start its HAProxy. Where a default is taken, a free port serves instead; a port the
+    user named must be free."""
+    held = []  # the chosen ports stay bound until all are chosen, so that no two are the same
+    try:
         for name, default in HAPROXY_SIDE_PORTS.items():
-            if name in os.environ:
-                value = os.environ[name]
-                if not value.isdigit() or not 0 < int(value) < 65536 or not _port_free(int(value)):
+            value = os.environ.get(name)
+            if value is not None and value != _CHOSEN.get(name):
+                if not (value.isascii() and value.isdigit() and 0 < int(value) < 65536 and _port_free(int(value))):
                     raise UsageError(f"{name}={value}: not a free port (HAProxy binds it on every interface)")
             elif not _port_free(default):
-                os.environ[name] = str(_free_port())
+                s = socket.socket()
+                s.bind(("", 0))
+                held.append(s)
+                os.environ[name] = _CHOSEN[name] = str(s.getsockname()[1])
+            else:
+                os.environ.pop(name, None)
+                _CHOSEN.pop(name, None)
+    finally:
+        for s in held:
+            s.close()
 
 
 def _port_free(port: int) -> bool:
@@ -99,12 +121,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def running_ingress() -> str:

