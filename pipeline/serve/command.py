@@ -12,6 +12,7 @@ batch's oldest request.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -56,11 +57,12 @@ class Server:
 
     def stop(self) -> None:
         """Delete the application, stop Serve, mark the serving run finished."""
-        from ray import serve
-
-        serve.shutdown()
-        finish_mlflow_run(self.tracking_uri, self.run_id, f"served {len(self.ladder)} subnets at {self.url}")
-        self._workdir.cleanup()
+        with _signals_deferred():
+            try:
+                _shutdown_serve()
+                finish_mlflow_run(self.tracking_uri, self.run_id, f"served {len(self.ladder)} subnets at {self.url}")
+            finally:
+                self._workdir.cleanup()
 
 
 def _check_port(host: str, port: int) -> None:
@@ -174,12 +176,7 @@ def start(opts: ServeOptions, verbose: bool = False) -> Server:
         if local:  # its entry point is the one set here
             ingress = local_ingress(opts.ingress)
             set_local_env(ingress)
-        caller_sigterm = signal.getsignal(signal.SIGTERM)
-        init_ray(opts.address, verbose=verbose)
-        # `ray.init` puts in an exit of its own for SIGTERM; the caller's handler (the command's: stop as Ctrl-C
-        # does) goes back, so that a stop while the replicas start still shuts Serve down.
-        if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, caller_sigterm)
+        _init_ray_keeping_sigterm(opts.address, verbose)
         if not local:  # a running cluster's entry point is the one its `ray start` set up
             ingress = running_ingress()
             check_ingress(opts.ingress, ingress)
@@ -205,16 +202,64 @@ def start(opts: ServeOptions, verbose: bool = False) -> Server:
         # One HTTP entry point, on the head node (the driver's): `--host 0.0.0.0` opens it to the network.
         serve.start(proxy_location="HeadOnly", http_options={"host": opts.host, "port": opts.port})
         handle = serve.run(_deployment(opts, spec).bind(spec, table), name=APP, route_prefix="/")
+        # This driver is not async: its handle needs a router on a loop of its own, which Serve's
+        # throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 here, as on a cluster started for HAProxy,
+        # whose jobs inherit it) turns off; the call would then fail.
+        handle._init(_run_router_in_separate_loop=True)
         measured = handle.describe.remote().result()
         by_name = {r["subnet"]: r for r in source.rungs}
         ladder = sorted(({**by_name[m["subnet"]], **m} for m in measured), key=lambda r: r["gflops"])
         url = f"http://{opts.host}:{opts.port}"
         run_id = _log_serving_run(opts, source, ladder, url, ingress, tracking_uri, Path(workdir.name))
     except BaseException:
-        serve.shutdown()  # nothing half-started is left serving (the run, if opened, was marked killed)
-        workdir.cleanup()
+        try:
+            _shutdown_serve()  # nothing half-started is left serving (the run, if opened, was marked ended)
+        finally:
+            workdir.cleanup()
         raise
     return Server(url, ladder, ingress, run_id, tracking_uri, source, table, spec.state, workdir)
+
+
+def _init_ray_keeping_sigterm(address: str | None, verbose: bool) -> None:
+    """`init_ray`, with the caller's SIGTERM handler (the command's: stop as Ctrl-C does) kept: `ray.init` puts in
+    an exit of its own, and a stop while the replicas start must still shut Serve down."""
+    caller = signal.getsignal(signal.SIGTERM)
+    try:
+        init_ray(address, verbose=verbose)
+    except SystemExit as e:
+        if e.code != signal.SIGTERM or not callable(caller):
+            raise
+        raise KeyboardInterrupt from None  # a SIGTERM that came while Ray started: Ray's own handler exited
+    finally:
+        if callable(caller) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, caller)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM ignored while Serve shuts down (a second one would leave its detached controller
+    serving), then put back; in the main thread only, where Python handles signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _shutdown_serve() -> None:
+    """Shut Serve down, uninterrupted; a failure to (Ray gone already) is reported, not raised over the reason
+    for stopping."""
+    from ray import serve
+
+    with _signals_deferred():
+        try:
+            serve.shutdown()
+        except Exception as e:  # noqa: BLE001
+            logging.getLogger(__name__).warning("Serve did not shut down cleanly: %s", e)
 
 
 def _log_serving_run(
@@ -242,9 +287,15 @@ def _log_serving_run(
                 log_ladder_model(
                     ladder, source.checkpoint, arch, source.model.num_classes, f"supervit-{arch.name}-ladder", tmp
                 )
-    except BaseException:
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
         try:
-            finish_mlflow_run(tracking_uri, run_id, "stopped while starting", status="KILLED")
+            finish_mlflow_run(
+                tracking_uri,
+                run_id,
+                "stopped while starting" if interrupted else f"failed while starting: {type(e).__name__}: {e}",
+                status="KILLED" if interrupted else "FAILED",
+            )
         except Exception:  # noqa: BLE001 - a store gone away must not hide why serving stopped
             pass
         raise
@@ -268,8 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     # replicas build their programs shuts Serve down too (`start` keeps this handler across `ray.init`).
     signal.signal(signal.SIGTERM, interrupt)
     server = start(opts, verbose)
-    print(_describe(server), flush=True)
     try:
+        print(_describe(server), flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -228,59 +228,6 @@ def test_the_ladder_is_one_pyfunc_model_that_picks_the_subnet_per_budget(served)
     assert set(loaded.predict(x.numpy())["subnet"]) == {best.subnet}
 
 
-def _session_pids(sid: int) -> list[int]:
-    """The live processes of session ``sid`` (a command started with start_new_session and all it started)."""
-    pids = []
-    for p in os.listdir("/proc"):
-        try:
-            if p.isdigit() and os.getsid(int(p)) == sid:
-                pids.append(int(p))
-        except OSError:
-            pass
-    return pids
-
-
-def test_sigterm_while_the_replicas_start_shuts_serve_down(served, tmp_path):
-    """A stop (`ray job stop`, a process manager) can come before the command serves: its SIGTERM must still shut
-    Serve down, whose controller would outlive the command, and leave nothing of it running."""
-    _, _, _, uri = served
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, as from a shell
-    cmd = [sys.executable, "-m", "pipeline.serve", "--mlflow-uri", uri, "--address", "local", "--port", str(port)]
-    cmd += ["--mode", "compiled", "--latency-table", str(tmp_path / "lat.parquet")]  # compiling: a long start
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not _listening(port):  # Serve's entry point is up; the replica is still building its programs
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the entry point did not come up in 120 s"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, (out, err[-3000:])
-    assert "interrupted" in err and "serving" not in out
-    deadline = time.monotonic() + 30  # Ray's own processes end after their driver
-    while _session_pids(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _session_pids(proc.pid)
-    assert not _listening(port)
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name("supervit-serve")
-    runs = client.search_runs([experiment.experiment_id], f"params.port = '{port}'")
-    assert all(r.info.status != "RUNNING" for r in runs)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def test_a_killed_replica_comes_back_with_the_weights_and_answers_the_same(served):
     """Serve starts a new replica for one that dies: it takes the weights from the object store (the driver keeps
     them there), builds the ladder again and answers as before. Runs last: the server is down meanwhile."""
@@ -308,3 +255,64 @@ def test_a_killed_replica_comes_back_with_the_weights_and_answers_the_same(serve
     assert after is not None, "no new replica answered within 180 s"
     assert (after["subnet"], after["label"]) == (before["subnet"], before["label"])
     np.testing.assert_allclose([p for _, p in after["top5"]], [p for _, p in before["top5"]], rtol=1e-5)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _serve_controllers() -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "SERVE_CONTROLLER" in a["name"]]
+
+
+def _serving_runs(uri: str, port: int) -> list:
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("supervit-serve")
+    return client.search_runs([experiment.experiment_id], f"params.port = '{port}'") if experiment else []
+
+
+@pytest.mark.parametrize("when", ["the replica compiles", "the run is logged"])
+def test_a_stop_while_it_starts_shuts_serve_down_on_the_cluster(served, ray_session, tmp_path, when):
+    """`ray job stop` or a process manager can stop the command before it serves. On a Ray cluster it does not own,
+    Serve's controller is detached and would serve on: the stop must shut Serve down and end the run. Runs last, on
+    the module's cluster, after its server is stopped (Serve is one per cluster)."""
+    server, _, _, uri = served
+    server.stop()  # done with it; the fixture's own stop afterwards finds nothing to stop
+    port = _free_port()
+    # As from a shell on the cluster: its own ports for HAProxy's stats are the cluster's business, not inherited.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_HAPROXY_")}
+    cmd = [sys.executable, "-m", "pipeline.serve", "--mlflow-uri", uri, "--address", ray_session, "--port", str(port)]
+    # Compiling the rungs makes a long start to stop in; eager rungs get to the MLflow logging at once.
+    cmd += ["--mode", "compiled" if when == "the replica compiles" else "eager"]
+    cmd += ["--latency-table", str(tmp_path / "lat.parquet")]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (_listening(port) if when == "the replica compiles" else _serving_runs(uri, port)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"not at '{when}' within 180 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if "serving http" in out:  # the stop came after the logging (a fast store): the ordinary stop
+        assert proc.returncode == 0 and "stopped" in out, (out, err[-3000:])
+    else:
+        assert proc.returncode == 130 and "interrupted" in err, (out, err[-3000:])
+    deadline = time.monotonic() + 30
+    while (_serve_controllers() or _listening(port)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _serve_controllers(), "Serve still runs on the cluster"
+    assert not _listening(port)
+    runs = _serving_runs(uri, port)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    if when == "the run is logged" and "serving http" not in out:
+        assert [r.info.status for r in runs] == ["KILLED"]
