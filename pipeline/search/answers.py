@@ -46,11 +46,11 @@ def choose_answers(s: SearchRun, per_budget: list[list[TrialResult]]) -> tuple[l
     choice is made on measured latencies.
     """
     plan = s.plan
-    own = [len(results) for results in per_budget]
     candidates = pool_within(per_budget, [value for _, value in plan.budgets])
     if s.ctx.latency.predict:
-        candidates, _ = verify_answers(s, candidates)
-    per_budget = [results[:n] for results, n in zip(candidates, own, strict=True)]
+        # Each budget's own trials too: the rows flag their own front, which must stand on measured numbers as well.
+        settled, _ = verify_answers(s, [*candidates, *per_budget])
+        candidates, per_budget = settled[: len(candidates)], settled[len(candidates) :]
     choices = []
     for (budget, _), results in zip(plan.budgets, candidates, strict=True):
         try:

@@ -70,6 +70,7 @@ def test_image_folder_trains_skipping_bad_images_then_a_bucket_is_searched_timin
     # The answer was measured whole, as deployed, and chosen on that measurement; both latencies are kept.
     assert chosen["latency_source"] == "measured" and chosen["latency_ms"] == whole[chosen["subnet"]]["median_ms"]
     assert chosen["latency_predicted_ms"] > 0
+    assert all(r["latency_source"] == "measured" for r in out.trials if r["pareto"])  # the front too, whole
     version = client.get_model_version_by_alias("supervit-tiny-subnets", "budget-0_3x")
     assert float(version.tags["latency_measured_ms"]) == pytest.approx(chosen["latency_ms"], rel=1e-3)
     assert float(version.tags["latency_predicted_ms"]) == pytest.approx(chosen["latency_predicted_ms"], rel=1e-3)
