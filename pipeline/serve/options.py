@@ -67,8 +67,8 @@ class ServeOptions:
     )
     ingress: str = option(
         "auto",
-        help="HTTP entry point: haproxy (Ray Serve's HAProxy ingress, straight to the replicas; needs the haproxy "
-        "binary), proxy (Serve's Python HTTP proxy), auto (haproxy where it is installed)",
+        help="HTTP entry point: haproxy (Ray Serve's HAProxy ingress, straight to the replicas; ray[serve] brings the "
+        "binary on Linux), proxy (Serve's Python HTTP proxy), auto (haproxy where Serve finds a binary)",
         choices=("auto", "haproxy", "proxy"),
     )
     address: str | None = option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
