@@ -338,10 +338,15 @@ class LocalCloud:
         files = subprocess.run(
             ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
         ).stdout.split(b"\0")
-        paths = [f.decode() for f in files if f and (REPO / f.decode()).is_file()]
         # A virtual environment or run outputs that .gitignore misses would be copied, committed and cloned by every
         # node (a 9 GB venv held `ray up` for half an hour): stop at once and say what to ignore.
-        sizes = {p: (REPO / p).stat().st_size for p in paths}
+        sizes = {}
+        for f in filter(None, files):
+            try:
+                sizes[f.decode()] = (REPO / f.decode()).stat().st_size
+            except (FileNotFoundError, NotADirectoryError):  # listed, then gone (a run's output being rewritten)
+                continue
+        paths = [p for p in sizes if (REPO / p).is_file()]
         if sum(sizes.values()) > SNAPSHOT_LIMIT:
             tops: dict[str, int] = {}
             for p, n in sizes.items():
