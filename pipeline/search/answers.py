@@ -46,11 +46,10 @@ def choose_answers(s: SearchRun, per_budget: list[list[TrialResult]]) -> tuple[l
     choice is made on measured latencies.
     """
     plan = s.plan
+    own = [len(results) for results in per_budget]
     candidates = pool_within(per_budget, [value for _, value in plan.budgets])
     if s.ctx.latency.predict:
-        # Each budget's own trials too: the rows flag their own front, which must stand on measured numbers as well.
-        settled, _ = verify_answers(s, [*candidates, *per_budget])
-        candidates, per_budget = settled[: len(candidates)], settled[len(candidates) :]
+        candidates, _ = verify_answers(s, candidates)
     choices = []
     for (budget, _), results in zip(plan.budgets, candidates, strict=True):
         try:
@@ -60,17 +59,19 @@ def choose_answers(s: SearchRun, per_budget: list[list[TrialResult]]) -> tuple[l
     answers = [r for c in choices for r in (c.best, c.uniform) if r is not None]
     test = test_top1(s, sorted({r.subnet_config.validate(plan.model.arch) for r in answers}, key=str))
     chosen, rows = [], []
-    for (budget, value), results, choice in zip(plan.budgets, per_budget, choices, strict=True):
+    for (budget, value), results, n, choice in zip(plan.budgets, candidates, own, choices, strict=True):
+        # A row is a trial of this budget (its own, the first n candidates), flagged when no candidate the budget
+        # chose among beats it: the front that `verify_answers` measured whole.
         front = pareto_front([(r.top1, r.latency_ms) for r in results])
         rows += [
             {"budget": budget.text, "budget_gflops": value, **dataclasses.asdict(r), "pareto": p}
-            for r, p in zip(results, front, strict=True)
+            for r, p in zip(results[:n], front[:n], strict=True)
         ]
 
         def entry(r: TrialResult) -> dict:
             return dataclasses.asdict(r) | {"test_top1": test[r.subnet_config.validate(plan.model.arch)]}
 
-        answer = {"budget": budget.text, "budget_gflops": value, **entry(choice.best), "trials": len(results)}
+        answer = {"budget": budget.text, "budget_gflops": value, **entry(choice.best), "trials": n}
         if choice.uniform is not None:
             answer["uniform"] = entry(choice.uniform)
         chosen.append(answer)

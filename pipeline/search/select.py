@@ -48,7 +48,9 @@ def pool_within(per_budget: Sequence[Sequence[TrialResult]], values: Sequence[fl
         seen = {r.subnet for r in own}
         extra = []
         for j, results in enumerate(per_budget):
-            for r in results if j != i else ():
+            if j == i:
+                continue
+            for r in results:
                 if r.gflops <= value * (1 + 1e-9) and r.subnet not in seen:
                     seen.add(r.subnet)
                     extra.append(r)
