@@ -24,6 +24,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -343,10 +344,11 @@ class LocalCloud:
         sizes = {}
         for f in filter(None, files):
             try:
-                sizes[f.decode()] = (REPO / f.decode()).stat().st_size
+                st = (REPO / f.decode()).stat()
             except (FileNotFoundError, NotADirectoryError):  # listed, then gone (a run's output being rewritten)
                 continue
-        paths = [p for p in sizes if (REPO / p).is_file()]
+            if stat.S_ISREG(st.st_mode):
+                sizes[f.decode()] = st.st_size
         if sum(sizes.values()) > SNAPSHOT_LIMIT:
             tops: dict[str, int] = {}
             for p, n in sizes.items():
@@ -356,11 +358,9 @@ class LocalCloud:
                 f"the working tree's files that git does not ignore come to {sum(sizes.values()) / 2**20:.0f} MB "
                 f"(largest: {big}): add what is not the project to .gitignore"
             )
-        for f in paths:
-            src = REPO / f
-            if src.is_file():
-                (snap / f).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, snap / f)
+        for f in sizes:
+            (snap / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, snap / f)
         git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "init.defaultBranch=main"]
         subprocess.run([*git, "init", "-q"], cwd=snap, check=True)
         subprocess.run([*git, "add", "-A"], cwd=snap, check=True)
